@@ -1,0 +1,4 @@
+"""lorasearch: find LoRAs by their weights."""
+from __future__ import annotations
+
+__version__ = "0.1.0"

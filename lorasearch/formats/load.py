@@ -1,0 +1,162 @@
+"""Entry points: a path (file, PEFT folder) or a TensorSource -> LoraDelta."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from lorasearch import families
+from lorasearch.delta import BIAS_SUFFIX, LoraDelta
+from lorasearch.errors import BadInput, UnsupportedLayout
+from lorasearch.formats.base import ReadContext, TensorSource, pick_reader
+from lorasearch.formats.safetensors_file import DEFAULT_MAX_FILE_BYTES, PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle_path
+from lorasearch.hashes import autov2, file_hashes
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+
+
+def read_source(src: TensorSource, ctx: ReadContext | None = None) -> LoraDelta:
+    """Decode a tensor source into a LoraDelta (no hashes: the caller adds its source).
+
+    Raises:
+        UnsupportedLayout: no reader knows the keys, or nothing decodes to a delta.
+        BadInput: malformed factors or values.
+    """
+    ctx = ctx or ReadContext()
+    keys = src.keys()
+    if not keys:
+        raise UnsupportedLayout(f"{ctx.path or 'input'}: unsupported LoRA layout: the file holds no tensors")
+    reader = pick_reader(keys, src.metadata, ctx.path)
+    try:
+        parsed = reader.read(src, ctx)
+    except BadInput as exc:
+        if ctx.path and not str(exc).startswith(ctx.path):
+            exc.args = (f"{ctx.path}: {exc}",)
+        raise
+    except ValueError as exc:
+        raise BadInput(f"{ctx.path or 'input'}: {exc}", code="bad_factors") from None
+    if not parsed.modules:
+        raise UnsupportedLayout(
+            f"{ctx.path or 'input'}: unsupported LoRA layout: {reader.name} keys but no adapter module decoded "
+            f"(e.g. {keys[0]!r})"
+        )
+    res = families.resolve(parsed, src.metadata, ctx.peft_config)
+    modules: dict[str, Any] = {}
+    magnitudes: dict[str, Any] = {}
+    duplicates: list[str] = []
+    for name, rm in zip(res.names, parsed.modules):
+        if rm.is_bias and not name.endswith(BIAS_SUFFIX):
+            name += BIAS_SUFFIX
+        if name in modules:
+            duplicates.append(name)
+            continue
+        modules[name] = rm.delta
+        if rm.magnitude is not None:
+            magnitudes[name] = rm.magnitude
+    meta = dict(parsed.metadata)
+    meta["dtypes"] = sorted({src.dtype(k) for k in keys})
+    meta["family_detection"] = {
+        "matched": res.matched,
+        "unmatched": res.unmatched[:20],
+        "unmatched_count": len(res.unmatched),
+        "shape_mismatches": res.shape_mismatches[:20],
+        "hints": res.hints,
+    }
+    if duplicates:
+        meta.setdefault("warnings", []).append(f"{len(duplicates)} modules appear twice; first kept (e.g. {duplicates[0]})")
+    return LoraDelta(res.family, parsed.format, modules, magnitudes, meta)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInput(f"{path}: adapter config is not valid JSON ({exc})", code="bad_config") from None
+    if not isinstance(cfg, dict):
+        raise BadInput(f"{path}: adapter config is not a JSON object", code="bad_config")
+    return cfg
+
+
+def sidecar_config(weights: Path) -> Path | None:
+    """The PEFT config that belongs to a weights file, if any.
+
+    ``adapter_config.json`` beside ``adapter_model.safetensors``, or
+    ``<stem>.adapter_config.json`` beside ``<stem>.safetensors``.
+    """
+    named = weights.with_name(weights.stem + ".adapter_config.json")
+    if named.is_file():
+        return named
+    plain = weights.with_name(PEFT_CONFIG)
+    if weights.name == PEFT_WEIGHTS and plain.is_file():
+        return plain
+    return None
+
+
+def resolve_path(path: Path) -> tuple[Path, Path | None]:
+    """A file or PEFT folder -> (weights file, config file or None)."""
+    refuse_pickle_path(path)
+    if path.is_dir():
+        w = path / PEFT_WEIGHTS
+        if w.is_file():
+            c = path / PEFT_CONFIG
+            return w, (c if c.is_file() else None)
+        pickled = [p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
+        if pickled:
+            raise BadInput(f"{path}: folder holds only pickled weights ({pickled[0]}); they are never unpickled", code="pickle_refused")
+        raise BadInput(f"{path}: folder is not a PEFT adapter (no {PEFT_WEIGHTS})", code="not_a_lora")
+    if not path.exists():
+        raise BadInput(f"{path}: no such file or folder", code="not_found")
+    return path, sidecar_config(path)
+
+
+def load_lora(
+    path: str | Path, config: str | Path | dict[str, Any] | None = None, max_bytes: int = DEFAULT_MAX_FILE_BYTES
+) -> LoraDelta:
+    """Read one LoRA: a safetensors file or a PEFT adapter folder.
+
+    Args:
+        path: the file or folder.
+        config: a PEFT adapter config (path or dict) that overrides the sidecar.
+        max_bytes: size cap for the weights file.
+
+    Returns:
+        the LoraDelta, with ``source`` holding path, sha256, AutoV2 and AutoV3.
+
+    Raises:
+        BadInput: with a one-line reason naming the file.
+    """
+    weights, cfg_path = resolve_path(Path(path))
+    if isinstance(config, dict):
+        cfg: dict[str, Any] | None = config
+    else:
+        cfg_path = Path(config) if config is not None else cfg_path
+        cfg = _read_config(cfg_path) if cfg_path is not None else None
+    with SafetensorsFile(weights, max_bytes=max_bytes) as st:
+        ld = read_source(st, ReadContext(path=str(weights), peft_config=cfg))
+        sha, v3 = file_hashes(weights, st.header_len)
+    ld.source = {
+        "path": str(path),
+        "weights": str(weights),
+        "config": str(cfg_path) if cfg_path is not None and not isinstance(config, dict) else None,
+        "bytes": st.size,
+        "file_sha256": sha,
+        "autov2": autov2(sha),
+        "autov3": v3,
+    }
+    ld.header_metadata = dict(st.metadata)
+    return ld
+
+
+def find_loras(folder: Path) -> Iterator[Path]:
+    """Every LoRA under a folder: PEFT folders once, other ``.safetensors`` files one by one.
+
+    Pickled files are yielded too, so callers can report them as refused.
+    """
+    for p in sorted(folder.rglob("*")):
+        if p.is_dir() and (p / PEFT_WEIGHTS).is_file():
+            yield p
+        elif p.is_file() and p.suffix == ".safetensors" and not (p.name == PEFT_WEIGHTS and (p.parent / PEFT_CONFIG).is_file()):
+            yield p
+        elif p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES:
+            yield p

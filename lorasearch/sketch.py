@@ -1,0 +1,195 @@
+"""Module sketches ``Z_m = L_m · ΔW_m · R_mᵀ`` and the fixed-size vectors of the views.
+
+``L_m`` (k×p) and ``R_m`` (k×q) are Gaussian with entries N(0, 1/k), seeded by
+(family, module, shape), so ``E<Z_m(X), Z_m(Y)> = <X, Y>_F``: the sketch is
+linear in ΔW and the same for every factorisation, rank, format and dtype of
+one update. Factored deltas are sketched as ``s·(L·U)(V·Rᵀ)`` and never
+densified; Kronecker deltas through their structure.
+
+The FAISS vector of a view folds the concatenated module sketches into D
+dimensions with a sparse sign projection (each sketch entry goes to ``s``
+hashed buckets with random signs), which preserves inner products in
+expectation and needs no per-family table, so it works for any family.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from functools import lru_cache
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from lorasearch.delta import Dense, Delta, Factored, Kronecker, LoraDelta, NeedsBase, side_matrix
+from lorasearch.frobenius import sq_norm
+
+SKETCH_VERSION = 1
+DEFAULT_K = 8
+DEFAULT_DIM = 1024
+BUCKETS_PER_ENTRY = 4
+
+MODULE_GROUPS: dict[str, re.Pattern[str]] = {
+    "attention": re.compile(r"(attn|attention|self_attn|to_[qkv]\b|to_out|q_proj|k_proj|v_proj|o_proj|out_proj|c_attn|query|key|value|qkv)"),
+    "feed_forward": re.compile(r"(\.ff\.|ff_context|\.mlp\.|\bmlp\b|fc1|fc2|proj_mlp|gate_proj|up_proj|down_proj|c_fc|c_proj|dense_h_to_4h|dense_4h_to_h|\.ffn|feed_forward|intermediate\.dense|output\.dense|lin1|lin2)"),
+    "conv": re.compile(r"(conv|resnets|downsamplers|upsamplers|proj_in|proj_out)"),
+    "text_encoder": re.compile(r"^text_encoder"),
+}
+
+
+def _seed(*parts: object) -> int:
+    h = hashlib.sha256("\x1f".join(map(str, (SKETCH_VERSION, *parts))).encode()).digest()
+    return int.from_bytes(h[:8], "little")
+
+
+@lru_cache(maxsize=8192)
+def gaussian(family: str, module: str, shape: tuple[int, ...], side: str, dim: int, k: int) -> np.ndarray:
+    """The seeded k×dim Gaussian test matrix of one side of one module (entries N(0, 1/k)).
+
+    Args:
+        family: base-model family.
+        module: canonical module name.
+        shape: the module's matrix shape (p, q), part of the seed.
+        side: ``"L"`` (output side, dim = p) or ``"R"`` (input side, dim = q).
+        dim: p or q.
+        k: sketch size.
+
+    Returns:
+        a read-only float32 array.
+    """
+    rng = np.random.Generator(np.random.PCG64(_seed(family, module, shape, side, k)))
+    m = rng.standard_normal((k, dim), dtype=np.float32)
+    m *= np.float32(1.0 / np.sqrt(k))
+    m.setflags(write=False)
+    return m
+
+
+def _kron_sketch(d: Kronecker, L: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """``L · kron(W1, W2) · Rᵀ`` without forming the product: O(k·(abc + bcd) + k²bc)."""
+    w1 = side_matrix(d.w1).astype(np.float64)
+    (a, c) = w1.shape
+    k = L.shape[0]
+    if isinstance(d.w2, Factored):
+        b, dd = d.w2.matrix_shape
+    else:
+        b, dd = side_matrix(d.w2).shape
+    L3 = L.reshape(k, a, b).astype(np.float64)
+    R3 = R.reshape(k, c, dd).astype(np.float64)
+    T = np.einsum("iab,ac->ibc", L3, w1)  # k×b×c
+    if isinstance(d.w2, Factored):
+        # R3 · W2ᵀ = (R3 · downᵀ) · upᵀ, W2 = scale·up·down
+        U = (R3 @ d.w2.down.T.astype(np.float64)) @ d.w2.up.T.astype(np.float64) * d.w2.scale  # k×c×b
+    else:
+        U = R3 @ side_matrix(d.w2).T.astype(np.float64)  # k×c×b
+    return d.scale * np.einsum("ibc,jcb->ij", T, U)
+
+
+def module_sketch(d: Delta, L: np.ndarray, R: np.ndarray) -> np.ndarray:
+    """The k×k sketch ``L · ΔW · Rᵀ`` of one update (a vector update uses q = 1).
+
+    Returns:
+        float32 k×k.
+    """
+    if isinstance(d, Factored):
+        z = (L @ d.up) @ (d.down @ R.T)
+        return (z * np.float32(d.scale)).astype(np.float32)
+    if isinstance(d, Kronecker):
+        return _kron_sketch(d, L, R).astype(np.float32)
+    if isinstance(d, Dense):
+        v = d.values if d.values.ndim == 2 else d.values[:, None]
+        return (L @ v @ R.T).astype(np.float32)
+    raise TypeError(f"cannot sketch a {type(d).__name__}")
+
+
+def sketch_shape(d: Delta) -> tuple[int, int]:
+    ms = d.matrix_shape
+    return (int(ms[0]), int(ms[1]) if len(ms) == 2 else 1)
+
+
+def sketch_lora(ld: LoraDelta, k: int = DEFAULT_K) -> dict[str, np.ndarray]:
+    """Sketch every additive module of a LoraDelta.
+
+    Modules that need the base weights are skipped (they have no ΔW alone).
+
+    Returns:
+        canonical module name -> k×k float32 sketch.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, d in ld.modules.items():
+        if isinstance(d, NeedsBase):
+            continue
+        p, q = sketch_shape(d)
+        L = gaussian(ld.family, name, (p, q), "L", p, k)
+        R = gaussian(ld.family, name, (p, q), "R", q, k)
+        out[name] = module_sketch(d, L, R)
+    return out
+
+
+def module_norms(ld: LoraDelta) -> dict[str, float]:
+    """Exact Frobenius norm of every additive module (from factors)."""
+    return {n: float(np.sqrt(max(sq_norm(d), 0.0))) for n, d in ld.modules.items() if not isinstance(d, NeedsBase)}
+
+
+def in_group(name: str, groups: Iterable[str] | None) -> bool:
+    """Whether a canonical module name belongs to any of the named module groups (None: all)."""
+    if groups is None:
+        return True
+    return any(MODULE_GROUPS[g].search(name) for g in groups)
+
+
+@lru_cache(maxsize=65536)
+def _buckets(module: str, k: int, dim: int, s: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.Generator(np.random.PCG64(_seed("buckets", module, k, dim, s)))
+    idx = rng.integers(0, dim, size=(k * k, s), dtype=np.int64)
+    sign = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=(k * k, s)) / np.float32(np.sqrt(s))
+    idx.setflags(write=False)
+    sign.setflags(write=False)
+    return idx, sign
+
+
+def fold(sketches: Mapping[str, np.ndarray], dim: int = DEFAULT_DIM, weights: Mapping[str, float] | None = None,
+         s: int = BUCKETS_PER_ENTRY) -> np.ndarray:
+    """Fold module sketches into one D-dim vector with a sparse sign projection.
+
+    Args:
+        sketches: module -> k×k sketch.
+        dim: output dimension D.
+        weights: optional per-module multipliers (the style view's normalisation).
+        s: buckets per sketch entry.
+
+    Returns:
+        float32 vector of length ``dim`` (not normalised).
+    """
+    out = np.zeros(dim, dtype=np.float64)
+    for name, z in sketches.items():
+        k = z.shape[0]
+        idx, sign = _buckets(name, k, dim, s)
+        w = 1.0 if weights is None else weights.get(name, 0.0)
+        if w == 0.0:
+            continue
+        vals = (z.reshape(-1, 1).astype(np.float64) * sign) * w
+        out += np.bincount(idx.ravel(), weights=vals.ravel(), minlength=dim)
+    return out.astype(np.float32)
+
+
+def normalise(v: np.ndarray) -> np.ndarray:
+    n = float(np.linalg.norm(v))
+    return v / n if n > 0 else v
+
+
+def delta_vector(sketches: Mapping[str, np.ndarray], dim: int = DEFAULT_DIM) -> np.ndarray:
+    """The ``delta`` view: the whole update's geometry (identity, attribution), unit length."""
+    return normalise(fold(sketches, dim))
+
+
+def style_vector(sketches: Mapping[str, np.ndarray], norms: Mapping[str, float], dim: int = DEFAULT_DIM,
+                 groups: Iterable[str] | None = None) -> np.ndarray:
+    """The ``style`` view: every module scaled to unit norm so no layer dominates, optionally one module group.
+
+    Args:
+        sketches: module -> sketch.
+        norms: exact module norms (``module_norms``).
+        groups: module groups to keep (``attention``, ``feed_forward``, ``conv``, ``text_encoder``), None for all.
+    """
+    g = None if groups is None else tuple(groups)
+    weights = {n: (1.0 / norms[n] if norms.get(n, 0.0) > 0 and in_group(n, g) else 0.0) for n in sketches}
+    return normalise(fold(sketches, dim, weights))
