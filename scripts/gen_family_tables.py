@@ -16,11 +16,20 @@
 #      "sources": {component: "diffusers.X(...) / transformers.Y(...)"},
 #      "components": {file component tag: canonical component},
 #      "modules": [[canonical_name, [weight shape...], kind], ...],
-#      "aliases": [[native_name, [native shape...], kind, [[canonical_name, row_start, row_stop], ...]], ...]}
+#      "aliases": [[native_name, [native shape...], kind, [[canonical_name, row_start, row_stop], ...]], ...],
+#      "fused": [[fused_name, [shape...], "fused", [[canonical_name, row_start, row_stop], ...]], ...]}
 #
 # ``kind`` is one of linear / conv / norm / embedding. An alias with an empty
 # piece list has no diffusers counterpart (e.g. ``final_layer.adaLN_modulation.1``,
 # whose halves diffusers swaps) and is its own canonical name.
+#
+# ``fused`` entries are canonical names for several modules stacked by output
+# rows, used when an update cannot be cut into them exactly (a LoKr whose row
+# blocks straddle the cuts, an OFT that needs the base weight). Flux only:
+# diffusers' own fused projections (``attn.to_qkv``, ``attn.to_added_qkv``,
+# ``FluxAttention.fuse_projections``, checked against it) and
+# ``attn.to_qkv_mlp_proj`` for a single block's ``linear1`` (the Flux.2 name).
+# They are not modules of the model: ``modules`` never lists them.
 from __future__ import annotations
 
 import gzip
@@ -41,6 +50,7 @@ OUT_DIR = ROOT / "lorasearch" / "data" / "families"
 
 Module = list[Any]  # [name, shape, kind]
 Alias = tuple[str, list[str] | None, tuple[int, ...] | None]  # native, canonical pieces, explicit shape
+Fused = tuple[str, list[str]]  # fused canonical name, canonical pieces in row order
 
 # ---------------------------------------------------------------------------
 # Module listing
@@ -273,7 +283,6 @@ def flux_bfl_aliases(cfg: dict[str, Any], table: dict[str, list[int]]) -> list[A
             (f"{d}.processor.proj_lora1", [f"{b}.attn.to_out.0"], None),
             (f"{d}.processor.proj_lora2", [f"{b}.attn.to_add_out"], None),
         ]
-    dim = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     for i in range(cfg["num_single_layers"]):
         s, b = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
         qkv = [f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v"]
@@ -281,9 +290,9 @@ def flux_bfl_aliases(cfg: dict[str, Any], table: dict[str, list[int]]) -> list[A
             (f"{s}.linear1", qkv + [f"{b}.proj_mlp"], None), (f"{s}.linear2", [f"{b}.proj_out"], None),
             (f"{s}.modulation.lin", [f"{b}.norm.linear"], None),
             (f"{s}.norm.query_norm", [f"{b}.attn.norm_q"], None), (f"{s}.norm.key_norm", [f"{b}.attn.norm_k"], None),
-            (f"{s}.processor.qkv_lora", qkv, None),
-            # XLabs' single-block proj_lora is dim x dim; diffusers loads it onto proj_out (dim x 5*dim).
-            (f"{s}.processor.proj_lora", None, (dim, dim)),
+            # XLabs (x-flux SingleStreamBlockLoraProcessor): qkv_lora is dim -> 3*dim onto the
+            # q, k, v rows of linear1; proj_lora is 15360 -> dim, i.e. linear2 (diffusers: proj_out).
+            (f"{s}.processor.qkv_lora", qkv, None), (f"{s}.processor.proj_lora", [f"{b}.proj_out"], None),
         ]
     out += [
         ("img_in", ["x_embedder"], None), ("txt_in", ["context_embedder"], None),
@@ -298,6 +307,20 @@ def flux_bfl_aliases(cfg: dict[str, Any], table: dict[str, list[int]]) -> list[A
     if cfg.get("guidance_embeds"):
         out += [("guidance_in.in_layer", ["time_text_embed.guidance_embedder.linear_1"], None),
                 ("guidance_in.out_layer", ["time_text_embed.guidance_embedder.linear_2"], None)]
+    return out
+
+
+def flux_fused(cfg: dict[str, Any]) -> list[Fused]:
+    """Fused FLUX.1 projections: diffusers' ``fuse_projections`` names, and ``linear1`` as ``attn.to_qkv_mlp_proj``."""
+    out: list[Fused] = []
+    for i in range(cfg["num_layers"]):
+        b = f"transformer_blocks.{i}"
+        out += [(f"{b}.attn.to_qkv", [f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v"]),
+                (f"{b}.attn.to_added_qkv", [f"{b}.attn.add_q_proj", f"{b}.attn.add_k_proj", f"{b}.attn.add_v_proj"])]
+    for i in range(cfg["num_single_layers"]):
+        b = f"single_transformer_blocks.{i}"
+        qkv = [f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v"]
+        out += [(f"{b}.attn.to_qkv", qkv), (f"{b}.attn.to_qkv_mlp_proj", qkv + [f"{b}.proj_mlp"])]
     return out
 
 
@@ -506,7 +529,7 @@ def check_flux(family: str, aliases: list[list[Any]]) -> int:
     # diffusers leaves the top-level modules without the "transformer." prefix here
     got = {k.removeprefix("transformer."): v for k, v in _converted(lcu._convert_kohya_flux_lora_to_diffusers(sd)).items()}
     _compare(family, got, _expected(aliases, keep))
-    keep_x = lambda n: "processor" in n and not n.endswith("proj_lora")  # noqa: E731
+    keep_x = lambda n: "processor" in n  # noqa: E731
     sd = {}
     for native, shape, kind, pieces in aliases:
         if keep_x(native):
@@ -515,6 +538,51 @@ def check_flux(family: str, aliases: list[list[Any]]) -> int:
     got = _converted(lcu._convert_xlabs_flux_lora_to_diffusers(sd))
     _compare(family + " (xlabs)", got, {f"transformer.{k}": v for k, v in _expected(aliases, keep_x).items()})
     return len(got)
+
+
+def check_flux_fused(family: str, fused: list[list[Any]], aliases: list[list[Any]], cfg: dict[str, Any]) -> int:
+    """Fused names against diffusers' ``fuse_qkv_projections`` (names, shapes and row order) and the BFL aliases.
+
+    Args:
+        fused: the family's fused entries, names without the component prefix.
+        aliases: the family's aliases, same.
+        cfg: the transformer config (the full-size model is built on the meta device).
+    """
+    from diffusers import FluxTransformer2DModel
+
+    def fused_model(kwargs: dict[str, Any], device: str) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """The model after ``fuse_qkv_projections``, and its Linear weights from before."""
+        torch.manual_seed(0)
+        with torch.device(device), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = FluxTransformer2DModel(**kwargs)
+            before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+            model.fuse_qkv_projections()
+        return model, before
+
+    big, _ = fused_model(cfg, "meta")
+    shapes = {n: [int(x) for x in m.weight.shape] for n, m in big.named_modules() if n and isinstance(m, nn.Linear)}
+    ours = {n: s for n, s, _, _ in fused}
+    native = {n for n in ours if n in shapes}
+    if native != {n for n in shapes if re.search(r"\.attn\.to_(added_)?qkv$", n)}:
+        raise SystemExit(f"{family}: fused names differ from diffusers' fuse_qkv_projections")
+    if any(ours[n] != shapes[n] for n in native):
+        raise SystemExit(f"{family}: fused shapes differ from diffusers' fuse_qkv_projections")
+    # row order: in a tiny model, the fused weight is its pieces' weights stacked in table order
+    tiny = dict(cfg, num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=8,
+                axes_dims_rope=(2, 2, 4), joint_attention_dim=16, pooled_projection_dim=8, in_channels=4)
+    small, before = fused_model(tiny, "cpu")
+    after = dict(small.named_modules())
+    for name, shape, kind, pieces in fused:
+        if name.startswith(("transformer_blocks.0.", "single_transformer_blocks.0.")) and name in after:
+            if not torch.equal(after[name].weight, torch.cat([before[c] for c, _, _ in pieces])):
+                raise SystemExit(f"{family}: fused {name!r} rows are not its pieces in table order")
+    # every fused alias (img_attn.qkv, linear1, XLabs qkv_lora...) has a fused name with the same pieces
+    by_pieces = {tuple(c for c, _, _ in p): n for n, _, _, p in fused}
+    for a, shape, kind, pieces in aliases:
+        if len(pieces) > 1 and tuple(c for c, _, _ in pieces) not in by_pieces:
+            raise SystemExit(f"{family}: fused alias {a!r} has no fused canonical name")
+    return len(fused)
 
 
 def check_flux2(family: str, aliases: list[list[Any]]) -> int:
@@ -666,7 +734,9 @@ class Family:
     components: dict[str, tuple[nn.Module, str]] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     aliases: list[Alias] = field(default_factory=list)
+    fused: list[Fused] = field(default_factory=list)
     checks: list[Callable[[list[list[Any]]], int]] = field(default_factory=list)
+    fused_checks: list[Callable[[list[list[Any]], list[list[Any]]], int]] = field(default_factory=list)
 
 
 def fam_unet(name: str, ucfg: dict[str, Any], te: dict[str, Any], te2: dict[str, Any] | None = None) -> Family:
@@ -685,6 +755,8 @@ def fam_dit(name: str, cls_name: str, cfg: dict[str, Any],
             alias_fn: Callable[[dict[str, Any], dict[str, list[int]]], list[Alias]] | None,
             check: Callable[[str, list[list[Any]]], int] | None,
             full_check: Callable[[str, list[list[Any]], nn.Module], int] | None = None,
+            fused_fn: Callable[[dict[str, Any]], list[Fused]] | None = None,
+            fused_check: Callable[[str, list[list[Any]], list[list[Any]], dict[str, Any]], int] | None = None,
             **encoders: tuple[nn.Module, str]) -> Family:
     t = dit(cls_name, cfg)
     f = Family(name, {"transformer": t, **encoders}, dict(DIT_COMPONENTS))
@@ -692,9 +764,15 @@ def fam_dit(name: str, cls_name: str, cfg: dict[str, Any],
         table = {n: list(m.weight.shape) for n, m in t[0].named_modules() if n and module_kind(m)}
         f.aliases = [(f"transformer.{a}", None if ps is None else [f"transformer.{p}" for p in ps], s)
                      for a, ps, s in alias_fn(cfg, table)]
+
     def strip(al: list[list[Any]]) -> list[list[Any]]:
         return [[n[len("transformer."):], s, k, [[c[len("transformer."):], a, b] for c, a, b in p]]
                 for n, s, k, p in al if n.startswith("transformer.")]
+
+    if fused_fn is not None:
+        f.fused = [(f"transformer.{n}", [f"transformer.{p}" for p in ps]) for n, ps in fused_fn(cfg)]
+    if fused_check is not None:
+        f.fused_checks.append(lambda fu, al: fused_check(name, strip(fu), strip(al), cfg))
 
     if check is not None:
         f.checks.append(lambda al: check(name, strip(al)))
@@ -723,7 +801,7 @@ def families() -> list[Callable[[], Family]]:
 
     def flux() -> Family:
         f = fam_dit("flux", "FluxTransformer2DModel", FLUX_DEV, flux_bfl_aliases, check_flux, check_flux_full,
-                    text_encoder=clip_text(CLIP_L), text_encoder_2=t5_encoder())
+                    flux_fused, check_flux_fused, text_encoder=clip_text(CLIP_L), text_encoder_2=t5_encoder())
         # kohya Flux files call T5 te3; OneTrainer Flux files call it te2.
         f.tags.update(te="text_encoder", te1="text_encoder", te2="text_encoder_2", te3="text_encoder_2",
                       text_encoder="text_encoder", text_encoder_2="text_encoder_2", text_encoder_3="text_encoder_2")
@@ -786,24 +864,40 @@ def assemble(f: Family) -> dict[str, Any]:
         if pieces is None:
             aliases.append([native, list(shape or ()), "linear", []])
             continue
-        rows, spans, ins, kinds = 0, [], set(), set()
-        for p in pieces:
-            if p not in table:
-                raise SystemExit(f"{f.name}: alias {native!r} -> unknown module {p!r}")
-            pshape, pkind = table[p]
-            spans.append([p, rows, rows + pshape[0]])
-            rows += pshape[0]
-            ins.add(tuple(pshape[1:]))
-            kinds.add(pkind)
-        if len(ins) != 1 or len(kinds) != 1:
-            raise SystemExit(f"{f.name}: alias {native!r} joins modules of different input shapes")
-        aliases.append([native, [rows, *next(iter(ins))], kinds.pop(), spans])
+        shape, kind, spans = stack(f.name, native, pieces, table)
+        aliases.append([native, shape, kind, spans])
     flat_all = {flat(n) for n in table}
     for a in aliases:
         if flat(a[0]) in flat_all:
             raise SystemExit(f"{f.name}: flattened alias {a[0]!r} collides with a module")
+    fused: list[list[Any]] = []
+    for name, pieces in f.fused:
+        if flat(name) in flat_all or flat(name) in {flat(a[0]) for a in aliases} or name in {x[0] for x in fused}:
+            raise SystemExit(f"{f.name}: fused name {name!r} collides with a module or alias")
+        if len(pieces) < 2:
+            raise SystemExit(f"{f.name}: fused name {name!r} needs two pieces or more")
+        shape, _, spans = stack(f.name, name, pieces, table)
+        fused.append([name, shape, "fused", spans])
     tags = {k: v for k, v in f.tags.items() if v in f.components}
-    return {"family": f.name, "sources": sources, "components": tags, "modules": modules, "aliases": aliases}
+    return {"family": f.name, "sources": sources, "components": tags, "modules": modules, "aliases": aliases,
+            "fused": fused}
+
+
+def stack(family: str, name: str, pieces: list[str], table: dict[str, tuple[list[int], str]]
+          ) -> tuple[list[int], str, list[list[Any]]]:
+    """Shape, kind and row spans of modules stacked by output rows (all must share input shape and kind)."""
+    rows, spans, ins, kinds = 0, [], set(), set()
+    for p in pieces:
+        if p not in table:
+            raise SystemExit(f"{family}: {name!r} -> unknown module {p!r}")
+        pshape, pkind = table[p]
+        spans.append([p, rows, rows + pshape[0]])
+        rows += pshape[0]
+        ins.add(tuple(pshape[1:]))
+        kinds.add(pkind)
+    if len(ins) != 1 or len(kinds) != 1:
+        raise SystemExit(f"{family}: {name!r} joins modules of different input shapes")
+    return [rows, *next(iter(ins))], kinds.pop(), spans
 
 
 def write(data: dict[str, Any], path: Path) -> int:
@@ -823,10 +917,12 @@ def main(argv: list[str]) -> int:
             continue
         data = assemble(f)
         checked = sum(check(data["aliases"]) for check in f.checks)
+        checked += sum(check(data["fused"], data["aliases"]) for check in f.fused_checks)
         size = write(data, OUT_DIR / f"{f.name}.json.gz")
         total += size
         per = {c: sum(1 for m in data["modules"] if m[0].startswith(c + ".")) for c in f.components}
         print(f"{f.name:16s} {len(data['modules']):5d} modules {per} {len(data['aliases']):5d} aliases "
+              f"{len(data['fused']):4d} fused "
               f"({checked} checked against diffusers) {size / 1024:7.1f} KiB")
     print(f"total {total / 1024:.1f} KiB")
     return 0

@@ -113,7 +113,8 @@ W2_FULL = lambda rng: {"lokr_w2": rnd(rng, 5, 6)}  # noqa: E731  (b=5, d=6)
 W2_CONV = lambda rng: {"lokr_w2": rnd(rng, 5, 6, 3, 3)}  # noqa: E731
 W2_AB = lambda rng: {"lokr_w2_a": rnd(rng, 5, 3), "lokr_w2_b": rnd(rng, 3, 6)}  # noqa: E731
 W2_AB_CONV = lambda rng: {"lokr_w2_a": rnd(rng, 5, 3), "lokr_w2_b": rnd(rng, 3, 6 * 9)}  # noqa: E731
-W2_TUCKER = lambda rng: {"lokr_w2_a": rnd(rng, 3, 5), "lokr_w2_b": rnd(rng, 3, 6), "lokr_t2": rnd(rng, 3, 3, 3, 3)}  # noqa: E731
+W2_TUCKER = lambda rng: {  # noqa: E731
+    "lokr_w2_a": rnd(rng, 3, 5), "lokr_w2_b": rnd(rng, 3, 6), "lokr_t2": rnd(rng, 3, 3, 3, 3)}
 
 
 def lokr_formula(t: dict[str, np.ndarray]) -> np.ndarray:
@@ -137,12 +138,15 @@ def lokr_formula(t: dict[str, np.ndarray]) -> np.ndarray:
 def loha_formula(t: dict[str, np.ndarray]) -> np.ndarray:
     s = float(t["alpha"]) / t["hada_w1_b"].shape[0]
     if "hada_t1" in t:
-        return s * flat(tucker(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"]) * tucker(t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"]))
+        half1 = tucker(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"])
+        half2 = tucker(t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"])
+        return s * flat(half1 * half2)
     return s * (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
 
 
 CASES = [
-    Case("lora_linear", lora_linear, lambda t: float(t["alpha"]) / 4 * t["up"] @ t["down"], Factored, (16, 24), 4, algorithm="lora"),
+    Case("lora_linear", lora_linear, lambda t: float(t["alpha"]) / 4 * t["up"] @ t["down"], Factored, (16, 24), 4,
+         algorithm="lora"),
     Case("lora_no_alpha_rank_rule", lambda rng: {k: v for k, v in lora_linear(rng).items() if k != "alpha"},
          lambda t: t["up"] @ t["down"], Factored, (16, 24), 4),
     Case("lora_config_alpha", lambda rng: {k: v for k, v in lora_linear(rng).items() if k != "alpha"},
@@ -152,7 +156,7 @@ CASES = [
     # conv2d(down.permute(1,0,2,3), up).permute(1,0,2,3) == einsum over r
     Case("locon_3x3", locon_3x3, lambda t: 3 / 4 * flat(np.einsum("or,rikl->oikl", t["up"][:, :, 0, 0], t["down"])),
          Factored, (16, 8, 3, 3), 4),
-    Case("locon_1x1", locon_1x1, lambda t: 1 / 4 * flat(t["up"][:, :, 0, 0] @ t["down"][:, :, 0, 0])[..., None, None].reshape(16, -1),
+    Case("locon_1x1", locon_1x1, lambda t: 1 / 4 * t["up"][:, :, 0, 0] @ t["down"][:, :, 0, 0],
          Factored, (16, 8, 1, 1), 4),
     Case("locon_tucker", locon_tucker,
          lambda t: 1.5 / 3 * flat(np.einsum("ijkl,jr,ip->prkl", t["mid"], flat(t["down"]), flat(t["up"]).T)),
@@ -234,7 +238,9 @@ def test_norm_weight_and_bias() -> None:
     ids=["lora", "locon", "loha", "lokr"],
 )
 @pytest.mark.parametrize("orientation", ["out", "in"])
-def test_dora_scale_is_kept_as_magnitude(build: Callable[[np.random.Generator], Tensors], algorithm: str, orientation: str) -> None:
+def test_dora_scale_is_kept_as_magnitude(
+    build: Callable[[np.random.Generator], Tensors], algorithm: str, orientation: str
+) -> None:
     """The additive part decodes as without DoRA; ``dora_scale`` comes back as stored."""
     rng = np.random.default_rng(4)
     t = build(rng)
@@ -253,7 +259,8 @@ def test_dora_scale_is_kept_as_magnitude(build: Callable[[np.random.Generator], 
     [
         ({"ia3": np.ones(16, np.float32), "on_input": np.array(0.0, np.float32)}, "ia3", 1.0),
         ({"oft_blocks": np.ones((4, 4, 4), np.float32), "alpha": alpha(0.0)}, "oft", 0.0),
-        ({"oft_blocks": np.ones((4, 4, 4), np.float32), "rescale": np.ones((16, 1), np.float32), "alpha": alpha(1e-3)}, "oft", 1e-3),
+        ({"oft_blocks": np.ones((4, 4, 4), np.float32), "rescale": np.ones((16, 1), np.float32),
+          "alpha": alpha(1e-3)}, "oft", 1e-3),
         ({"oft_blocks": np.ones((2, 4, 4, 4), np.float32), "alpha": alpha(0.0)}, "boft", 0.0),
         ({"a1": np.ones((8, 2), np.float32), "a2": np.ones((2, 8), np.float32), "b1": np.ones((16, 2), np.float32),
           "b2": np.ones((2, 8), np.float32), "alpha": alpha(1.0)}, "glora", 0.5),
@@ -286,7 +293,9 @@ def _drop(build: Callable[[np.random.Generator], Tensors], *roles: str) -> Calla
     return lambda rng: {k: v for k, v in build(rng).items() if k not in roles}
 
 
-def _with(build: Callable[[np.random.Generator], Tensors], **extra: tuple[int, ...]) -> Callable[[np.random.Generator], Tensors]:
+def _with(
+    build: Callable[[np.random.Generator], Tensors], **extra: tuple[int, ...]
+) -> Callable[[np.random.Generator], Tensors]:
     return lambda rng: {**build(rng), **{k: rnd(rng, *s) for k, s in extra.items()}}
 
 

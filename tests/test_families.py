@@ -79,15 +79,20 @@ def test_tables_have_documented_layout() -> None:
     for path in TABLE_DIR.glob("*.json.gz"):
         data = json.loads(gzip.decompress(path.read_bytes()))
         assert data["family"] == path.name[: -len(".json.gz")]
-        assert set(data) == {"family", "sources", "components", "modules", "aliases"}
+        assert set(data) == {"family", "sources", "components", "modules", "aliases", "fused"}
         comps = set(data["sources"])
+        modules = {name: shape for name, shape, _ in data["modules"]}
         for name, shape, kind in data["modules"]:
             assert name.split(".", 1)[0] in comps
             assert kind in {"linear", "conv", "norm", "embedding"} and all(isinstance(s, int) for s in shape)
-        for native, shape, kind, pieces in data["aliases"]:
+        for native, shape, kind, pieces in data["aliases"] + data["fused"]:
             assert native.split(".", 1)[0] in comps
             if pieces:
                 assert pieces[0][1] == 0 and pieces[-1][2] == shape[0]
+                assert all(modules[c][0] == b - a and modules[c][1:] == shape[1:] for c, a, b in pieces)
+        for name, shape, kind, pieces in data["fused"]:
+            assert kind == "fused" and len(pieces) > 1 and name not in modules
+        assert bool(data["fused"]) == (data["family"] == "flux")
 
 
 def test_aliases() -> None:
@@ -98,6 +103,30 @@ def test_aliases() -> None:
     assert pieces[-1] == ("transformer.single_transformer_blocks.3.proj_mlp", 9216, 21504)
     ldm = families.load_aliases("sdxl")["unet.input_blocks.4.1.transformer_blocks.0.attn1.to_q"]
     assert ldm[2] == (("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 0, 640),)
+    # XLabs single-block proj_lora is 15360 -> 3072, i.e. linear2 (diffusers' _convert_xlabs_flux_lora_to_diffusers)
+    assert al["transformer.single_blocks.5.processor.proj_lora"] == (
+        (3072, 15360), "linear", (("transformer.single_transformer_blocks.5.proj_out", 0, 3072),))
+
+
+FLUX_FUSED = [  # (fused canonical name, shape, last piece)
+    ("transformer.transformer_blocks.18.attn.to_qkv", (9216, 3072), ("transformer.transformer_blocks.18.attn.to_v", 6144, 9216)),
+    ("transformer.transformer_blocks.0.attn.to_added_qkv", (9216, 3072),
+     ("transformer.transformer_blocks.0.attn.add_v_proj", 6144, 9216)),
+    ("transformer.single_transformer_blocks.37.attn.to_qkv", (9216, 3072),
+     ("transformer.single_transformer_blocks.37.attn.to_v", 6144, 9216)),
+    ("transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj", (21504, 3072),
+     ("transformer.single_transformer_blocks.0.proj_mlp", 9216, 21504)),
+]
+
+
+@pytest.mark.parametrize("name,shape,last", FLUX_FUSED, ids=[f[0].rsplit(".", 1)[-1] for f in FLUX_FUSED])
+def test_flux_fused_names(name: str, shape: tuple[int, int], last: tuple[str, int, int]) -> None:
+    fused = families.load_fused("flux")
+    assert len(fused) == 2 * 19 + 2 * 38
+    assert fused[name][0] == shape and fused[name][1][-1] == last
+    assert name not in families.load_table("flux")  # not a module of the model
+    assert families.load_table("flux", fused=True)[name] == (shape, "fused")
+    assert families.load_fused("sd3") == {} and families.load_table("sd3", fused=True) == families.load_table("sd3")
 
 
 # ---------------------------------------------------------------------------
@@ -199,8 +228,10 @@ def test_flux_kohya_fused_modules_split() -> None:
     p = parsed(*mods)
     res = families.resolve(p)
     assert res.family == "flux"
-    assert res.names[0] == "transformer.double_blocks.0.img_attn.qkv"
+    assert res.names[0] == "transformer.transformer_blocks.0.attn.to_qkv"  # Flux's fused canonical name
+    assert res.names[1] == "transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj"
     assert res.names[2] == "transformer.transformer_blocks.0.ff.net.2"
+    assert not res.fused_kept
     assert res.names[4] == "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q"
     assert res.splits[0] == [("transformer.transformer_blocks.0.attn.to_q", 0, 3072),
                              ("transformer.transformer_blocks.0.attn.to_k", 3072, 6144),
@@ -212,6 +243,7 @@ def test_flux_kohya_fused_modules_split() -> None:
     np.testing.assert_array_equal(k.up, up[3072:6144])
     assert out["transformer.single_transformer_blocks.0.proj_mlp"].matrix_shape == (12288, 3072)
     assert "transformer.double_blocks.0.img_attn.qkv" not in out
+    assert "transformer.transformer_blocks.0.attn.to_qkv" not in out
 
 
 def test_onetrainer_te2_is_t5_in_flux() -> None:
@@ -264,7 +296,7 @@ def test_same_names_other_shapes_is_not_that_family() -> None:
     mods = [mod(None, f"transformer_blocks.{i}.attn.to_q", 5376, 5376) for i in range(4)]
     res = families.resolve(parsed(*mods))
     assert res.family.startswith("unknown:")
-    assert res.names[0] == "transformer_blocks_0_attn_to_q"
+    assert res.names[0] == "diffusion_model.transformer_blocks_0_attn_to_q"
 
 
 # ---------------------------------------------------------------------------
@@ -330,6 +362,31 @@ def test_unknown_family_stable_across_spellings() -> None:
     assert families.resolve(other).family != a.family
 
 
+UNKNOWN_DENOISER = [  # one unknown denoiser as each trainer names it: (component, flat, path prefix, separator)
+    ("kohya", "unet", True, "", "_"),
+    ("onetrainer", "transformer", True, "", "_"),
+    ("diffusers", "transformer", False, "", "."),
+    ("lycoris", None, True, "", "_"),
+    ("peft", None, False, "", "."),
+    ("comfyui", None, False, "diffusion_model.", "."),
+    ("peft-unstripped", None, False, "base_model.model.", "."),
+]
+
+
+def test_unknown_denoiser_spellings_coincide() -> None:
+    layout = [("blocks.0.cross_attn.k_proj", 2048, 2048), ("blocks.0.mlp.layer1", 8192, 2048),
+              ("blocks.1.self_attn.qkv", 6144, 2048)]
+    results = {}
+    for label, comp, flat, prefix, sep in UNKNOWN_DENOISER:
+        mods = [mod(comp, prefix + path.replace(".", sep), out, inn, flat=flat) for path, out, inn in layout]
+        results[label] = families.resolve(parsed(*mods))
+    fams = {r.family for r in results.values()}
+    assert len(fams) == 1 and next(iter(fams)).startswith("unknown:"), {k: r.family for k, r in results.items()}
+    for r in results.values():
+        assert r.names == ["diffusion_model.blocks_0_cross_attn_k_proj", "diffusion_model.blocks_0_mlp_layer1",
+                           "diffusion_model.blocks_1_self_attn_qkv"]
+
+
 def test_metadata_hint_disagreement_is_reported_not_obeyed() -> None:
     mods = [mod("transformer", f"single_transformer_blocks.{i}.proj_out", 3072, 15360) for i in range(4)]
     res = families.resolve(parsed(*mods), {"ss_base_model_version": "sd_1.5", "software": "ai-toolkit"})
@@ -380,10 +437,130 @@ def test_split_delta_forms() -> None:
     part = families.split_delta(kron, 2, 4)
     assert isinstance(part, Kronecker)
     np.testing.assert_allclose(part.matrix(), kron.matrix()[2:4], rtol=1e-6)
-    odd = families.split_delta(kron, 1, 3)  # not on a w2 block boundary: dense rows
-    np.testing.assert_allclose(odd.matrix(), kron.matrix()[1:3], rtol=1e-6)
+    assert np.shares_memory(part.w1, kron.w1)  # a view: never densified
+    assert families.split_delta(kron, 1, 3) is None  # inside a w2 block: the caller keeps it fused
+    assert families.split_delta(kron, 2, 5) is None
     fk = Kronecker(Factored(rng.standard_normal((3, 1)), rng.standard_normal((1, 2))), rng.standard_normal((2, 2)))
     np.testing.assert_allclose(families.split_delta(fk, 4, 6).matrix(), fk.matrix()[4:6], rtol=1e-6)
+    fac_part = families.split_delta(Factored(rng.standard_normal((6, 2)), rng.standard_normal((2, 4)), 0.5), 0, 3)
+    assert isinstance(fac_part, Factored) and fac_part.shape == (3, 4) and fac_part.scale == 0.5
+    bias = families.split_delta(Dense(np.arange(6, dtype=np.float32)), 3, 6)
+    np.testing.assert_array_equal(bias.matrix(), [3, 4, 5])
+    assert families.split_delta(NeedsBase("oft", {}, (6, 4)), 0, 3) is None
+
+
+def _kron_delta(rows2: int, out: int = 21504, inn: int = 3072) -> Kronecker:
+    """A zero-memory LoKr update of ``out x inn`` whose w2 has ``rows2`` rows."""
+    return Kronecker(zeros(out // rows2, 48), Factored(zeros(rows2, 2), zeros(2, inn // 48)))
+
+
+def _bfl_linear1(delta: Any, **kw: Any) -> RawModule:
+    return RawModule(None, "single_blocks.0.linear1", False, delta, **kw)
+
+
+FUSED_CASES = [
+    # (what, module, split?, name kept when fused, reason fragment)
+    ("lokr on block boundaries", _bfl_linear1(_kron_delta(3072)), True, None, None),
+    ("lokr w2 168 rows", _bfl_linear1(_kron_delta(168)), False,
+     "transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj", "blocks of 168; the cut at row 3072 falls inside one"),
+    ("oft needs base", _bfl_linear1(NeedsBase("oft", {}, (21504, 3072))), False,
+     "transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj", "oft needs the base weight"),
+    ("dense cut by rows", RawModule(None, "double_blocks.0.txt_attn.qkv", False, Dense(zeros(9216, 3072))), True, None, None),
+    ("per-column dora magnitude", RawModule(None, "double_blocks.0.img_attn.qkv", False, fac(9216, 3072),
+                                            magnitude=np.ones((1, 3072), np.float32)), False,
+     "transformer.transformer_blocks.0.attn.to_qkv", "per input column"),
+    ("per-row dora magnitude", RawModule(None, "double_blocks.0.img_attn.qkv", False, fac(9216, 3072),
+                                         magnitude=np.ones((9216, 1), np.float32)), True, None, None),
+    ("xlabs single qkv lokr", RawModule(None, "single_blocks.2.processor.qkv_lora", False, _kron_delta(1152, 9216)),
+     False, "transformer.single_transformer_blocks.2.attn.to_qkv", "blocks of 1152"),
+    ("kohya flat img qkv lokr", RawModule("unet", "double_blocks_1_img_attn_qkv", True, _kron_delta(9216 // 4, 9216)),
+     False, "transformer.transformer_blocks.1.attn.to_qkv", "blocks of 2304"),
+]
+
+
+@pytest.mark.parametrize("what,rm,split,kept,why", FUSED_CASES, ids=[c[0] for c in FUSED_CASES])
+def test_flux_fused_kept_or_split(what: str, rm: RawModule, split: bool, kept: str | None, why: str | None) -> None:
+    p = parsed(rm, mod("transformer", "transformer_blocks.0.attn.to_out.0", 3072, 3072))
+    res = families.resolve(p)
+    assert res.family == "flux" and res.matched == 2 and not res.unmatched and not res.shape_mismatches
+    out, mags, dups = families.canonical_modules(p, res)
+    if split:
+        assert 0 in res.splits and not res.fused_kept
+        pieces = res.splits[0]
+        assert set(out) == {c for c, _, _ in pieces} | {"transformer.transformer_blocks.0.attn.to_out.0"}
+        for c, a, b in pieces:
+            assert out[c].matrix_shape[0] == b - a and type(out[c]) is type(rm.delta)
+        if rm.magnitude is not None:
+            assert all(mags[c].shape == (b - a, 1) for c, a, b in pieces)
+    else:
+        assert 0 not in res.splits and res.names[0] == kept
+        assert out[kept] is rm.delta  # kept whole: nothing densified
+        assert len(res.fused_kept) == 1 and kept in res.fused_kept[0] and why in res.fused_kept[0]
+        if rm.magnitude is not None:
+            assert mags[kept] is rm.magnitude
+
+
+def test_flux_reader_fused_names_resolve() -> None:
+    """The Flux readers keep uncuttable updates under the fused names; those are matched, never cut wrongly."""
+    mods = [RawModule("transformer", "single_transformer_blocks.0.attn.to_qkv_mlp_proj", False, _kron_delta(168)),
+            RawModule("transformer", "transformer_blocks.3.attn.to_added_qkv", False, NeedsBase("oft", {}, (9216, 3072))),
+            RawModule("transformer", "transformer_blocks.3.attn.to_qkv", False, _kron_delta(9216 // 4, 9216)),
+            RawModule("transformer", "single_transformer_blocks.1.attn.to_qkv", False, _kron_delta(9216 // 4, 9216)),
+            mod("transformer", "transformer_blocks.3.attn.to_out.0", 3072, 3072)]
+    p = parsed(*mods, hint="flux")
+    res = families.resolve(p)
+    assert res.family == "flux" and res.matched == 5 and not res.unmatched and not res.shape_mismatches
+    assert res.names[:4] == [f"transformer.{m.path}" for m in mods[:4]]
+    assert not res.splits and len(res.fused_kept) == 4
+    assert res.fused_kept[0].startswith("transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj (LoKr rows")
+    out, _, _ = families.canonical_modules(p, res)
+    assert list(out) == res.names
+    # a fused module that can be cut (PEFT on a model after fuse_qkv_projections) is cut
+    fused_peft = parsed(mod("transformer", "transformer_blocks.2.attn.to_qkv", 9216, 3072),
+                        mod("transformer", "transformer_blocks.2.attn.to_out.0", 3072, 3072))
+    res = families.resolve(fused_peft)
+    assert res.splits[0][1] == ("transformer.transformer_blocks.2.attn.to_k", 3072, 6144)
+    assert "transformer.transformer_blocks.2.attn.to_v" in families.canonical_modules(fused_peft, res)[0]
+
+
+def test_flux_lokr_file_keeps_fused_kronecker() -> None:
+    """Through a reader: a BFL LoKr whose linear1 cannot be cut stays one Kronecker, matched, never densified."""
+    formats = pytest.importorskip("lorasearch.formats")
+    from lorasearch.formats.base import DictSource
+
+    rng = np.random.default_rng(3)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    src = DictSource({
+        "diffusion_model.single_blocks.0.linear1.lokr_w1": f32(128, 48),
+        "diffusion_model.single_blocks.0.linear1.lokr_w2": f32(168, 64),  # 21504 = 128 x 168: 168 does not divide 3072
+        "diffusion_model.double_blocks.0.img_attn.qkv.lokr_w1": f32(96, 48),  # 9216 = 96 x 96: cuts on blocks
+        "diffusion_model.double_blocks.0.img_attn.qkv.lokr_w2": f32(96, 64),
+    })
+    ld = formats.read_source(src)
+    assert ld.family == "flux"
+    assert ld.metadata["family_detection"]["unmatched_count"] == 0
+    fused = ld.modules["transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj"]
+    assert isinstance(fused, Kronecker) and fused.matrix_shape == (21504, 3072)
+    assert isinstance(ld.modules["transformer.transformer_blocks.0.attn.to_k"], Kronecker)
+    assert not any(isinstance(d, Dense) for d in ld.modules.values())
+
+
+def test_fused_kept_elsewhere_keeps_own_name() -> None:
+    """Families without fused names (SD3) keep an uncuttable fused module under its resolved name."""
+    mods = [RawModule("unet", "joint_blocks_0_x_block_attn_qkv", True, _kron_delta(1536 * 3 // 8, 4608, 1536)),
+            mod("unet", "joint_blocks_0_x_block_attn_proj", 1536, 1536, flat=True),
+            RawModule("unet", "joint_blocks_0_x_block_attn_qkv", True, Dense(zeros(4608)), is_bias=True)]
+    p = parsed(*mods)
+    res = families.resolve(p)
+    assert res.family == "sd3"
+    assert res.names[0] == "transformer.joint_blocks.0.x_block.attn.qkv"
+    assert res.fused_kept == ["transformer.joint_blocks.0.x_block.attn.qkv (LoKr rows come in blocks of 576; "
+                              "the cut at row 1536 falls inside one)"]
+    assert res.splits[2][0] == ("transformer.transformer_blocks.0.attn.to_q#bias", 0, 1536)  # the bias still cuts
+    out, _, _ = families.canonical_modules(p, res)
+    assert set(out) == {"transformer.joint_blocks.0.x_block.attn.qkv", "transformer.transformer_blocks.0.attn.to_out.0",
+                        "transformer.transformer_blocks.0.attn.to_q#bias", "transformer.transformer_blocks.0.attn.to_k#bias",
+                        "transformer.transformer_blocks.0.attn.to_v#bias"}
 
 
 # ---------------------------------------------------------------------------

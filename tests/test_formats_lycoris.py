@@ -48,9 +48,8 @@ from lycoris.modules.ia3 import IA3Module  # noqa: E402
 from lycoris.modules.locon import LoConModule  # noqa: E402
 from lycoris.modules.loha import LohaModule  # noqa: E402
 from lycoris.modules.lokr import LokrModule  # noqa: E402
-from lycoris.modules.norms import NormModule  # noqa: E402
 
-from tests.conftest import make_tiny_unet  # noqa: E402
+from lorasearch.tinymodels import make_tiny_unet  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-6
 
@@ -148,10 +147,14 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Written]:
     return {a.id: write(a, folder) for a in ALGOS}
 
 
+# component prefixes that families.py may put before an unknown family's flat path
+_COMPONENT_HEADS = {"unet", "diffusion_model", "transformer"}
+
+
 def _flat_name(name: str) -> str:
-    """Canonical name -> flat module path (``unet.`` / ``unet_`` component prefix dropped)."""
-    f = name.replace(".", "_")
-    return f[len("unet_"):] if f.startswith("unet_") else f
+    """Canonical name -> flat module path (a denoiser component prefix dropped)."""
+    head, _, tail = name.partition(".")
+    return (tail if tail and head in _COMPONENT_HEADS else name).replace(".", "_")
 
 
 def by_path(ld: LoraDelta) -> dict[str, Any]:
@@ -195,11 +198,11 @@ def test_algorithm_variants_present(written: dict[str, Written]) -> None:
         found = {frozenset(v) for v in layouts.values()}
         for want in algo.roles:
             assert want in found, f"{algo.id}: no module with {sorted(want)} (found {sorted(map(sorted, found))})"
-    lokr_shapes = {tuple(v.shape) for a in ("lokr", "lokr_full_matrix") for k, v in written[a].sd.items() if k.endswith("lokr_w2")}
+    lokr_shapes = {tuple(v.shape) for a in ("lokr", "lokr_full_matrix")
+                   for k, v in written[a].sd.items() if k.endswith("lokr_w2")}
     assert any(len(s) == 4 for s in lokr_shapes) and any(len(s) == 2 for s in lokr_shapes)
-    conv_w2b = [k for k, v in written["lokr_decompose_both"].sd.items()
-                if k.endswith("lokr_w2_b") and written["lokr_decompose_both"].net is not None and "conv" in k]
-    assert conv_w2b, "no conv LoKr with a factored w2"
+    conv_w2b = [k for k, v in written["lokr_decompose_both"].sd.items() if k.endswith("conv1.lokr_w2_b") and v.ndim == 2]
+    assert conv_w2b, "no 3x3 conv LoKr with a factored w2 ([r, d*k*k])"
     assert written["dora_in"].sd["lycoris_conv_in.dora_scale"].shape == (1, 4, 1, 1)
     assert written["dora_out"].sd["lycoris_conv_in.dora_scale"].shape == (32, 1, 1, 1)
 
@@ -227,7 +230,8 @@ def test_delta_matches_lycoris(written: dict[str, Written], algo: str) -> None:
     if expect_dora:
         assert set(ld.magnitudes) == set(ld.modules)
         for lora in w.net.loras:
-            np.testing.assert_array_equal(ld.magnitudes[_magnitude_key(ld, path_of(lora))], np64(lora.dora_scale).astype(np.float32))
+            stored = np64(lora.dora_scale).astype(np.float32)
+            np.testing.assert_array_equal(ld.magnitudes[_magnitude_key(ld, path_of(lora))], stored)
 
 
 def _magnitude_key(ld: LoraDelta, path: str) -> str:
@@ -285,7 +289,7 @@ def test_lycoris_loha_lokr_diff_weight_scales_twice(written: dict[str, Written])
     lora = next(l for l in written["loha"].net.loras if l.scale != 1)
     with torch.no_grad():
         fwd = np64(lora.get_weight(lora.shape))
-        diff = np64(lora.get_diff_weight()[0])
+        diff = np64(lora.get_diff_weight(shape=lora.shape)[0])
     if not np.allclose(diff, fwd, rtol=RTOL):
         np.testing.assert_allclose(diff, fwd * lora.scale, rtol=RTOL, atol=ATOL)
 
@@ -370,3 +374,33 @@ def test_rs_lora_alpha_is_stored_normalised(cls: type, kwargs: dict[str, Any]) -
     assert "rs_lora" in parsed.metadata
     (mod,) = parsed.modules
     assert_close(mod.delta.matrix(), lycoris_delta(lora)[0], "x")
+
+
+LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha")
+
+
+def test_real_sdxl_loha_layout(shared_keys: Path) -> None:
+    """A real SDXL LyCORIS LoHa layout (linear and flat 3x3 conv modules) with random values.
+
+    Every 16th module of the file is kept (the whole file is 237M values).
+    """
+    from lorasearch.formats import read_source
+
+    spec = json.loads((shared_keys / "li_sdxl_lycoris_loha_gwei.json").read_text())
+    mods = sorted({k.rsplit(".", 1)[0] for k in spec["tensors"]})[::16]
+    rng = np.random.default_rng(0)
+    tensors = {f"{m}.{s}": (rng.standard_normal(spec["tensors"][f"{m}.{s}"]["shape"]) * 0.1).astype(np.float32)
+               for m in mods for s in LOHA_KEYS}
+    src = DictSource(tensors, spec.get("metadata", {}))
+    ld = read_source(src, ReadContext(path="gwei"))
+    assert ld.family == "sdxl" and ld.metadata["algorithms"] == {"loha": len(mods)}
+    assert all(isinstance(d, Factored) for d in ld.modules.values())
+    assert any(d.matrix_shape[1] % 9 == 0 and "conv" in n for n, d in ld.modules.items())
+    # the smallest modules by the formula s * (w1a @ w1b) * (w2a @ w2b) (conv maths: the tiny-UNet tests)
+    parsed = KohyaReader().read(src, ReadContext())
+    for rm in sorted(parsed.modules, key=lambda rm: np.prod(rm.delta.matrix_shape))[:3]:
+        m = "lora_unet_" + rm.path if f"lora_unet_{rm.path}.alpha" in tensors else f"lora_{rm.component}_{rm.path}"
+        t = {s: tensors[f"{m}.{s}"].astype(np.float64) for s in LOHA_KEYS}
+        s = float(t["alpha"]) / t["hada_w1_b"].shape[0]
+        want = s * (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])
+        assert_close(rm.delta.matrix(), want, m)

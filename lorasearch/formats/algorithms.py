@@ -32,7 +32,9 @@ IA3_ROLES = {"ia3", "on_input"}
 OFT_ROLES = {"oft_blocks", "rescale", "oft_r"}
 GLORA_ROLES = {"a1", "a2", "b1", "b2", "bm"}
 EXTRA_ROLES = {"alpha", "dora_scale", "magnitude", "up_bias", "full_weight", "full_bias"}
-ALL_ROLES = LORA_ROLES | LOHA_ROLES | LOKR_ROLES | FULL_ROLES | NORM_ROLES | IA3_ROLES | OFT_ROLES | GLORA_ROLES | EXTRA_ROLES
+ALL_ROLES = (
+    LORA_ROLES | LOHA_ROLES | LOKR_ROLES | FULL_ROLES | NORM_ROLES | IA3_ROLES | OFT_ROLES | GLORA_ROLES | EXTRA_ROLES
+)
 
 
 @dataclass
@@ -179,9 +181,9 @@ def decode_loha(mod: str, get: Getter, roles: dict[str, str], rule: AlphaRule) -
 def _lokr_w1(mod: str, get: Getter, roles: dict[str, str]) -> tuple[np.ndarray | Factored, int | None]:
     if "lokr_w1" in roles:
         w1 = get(roles["lokr_w1"])
-        if w1.ndim != 2:
-            raise _chain_error(mod, f"lokr_w1 must be 2-D, got {_shp(w1)}")
-        return w1, None
+        if w1.ndim < 2 or any(k != 1 for k in w1.shape[2:]):
+            raise _chain_error(mod, f"lokr_w1 must be 2-D (or 1x1 conv), got {_shp(w1)}")
+        return w1.reshape(w1.shape[0], w1.shape[1]), None
     if {"lokr_w1_a", "lokr_w1_b"} <= roles.keys():
         a, b = get(roles["lokr_w1_a"]), get(roles["lokr_w1_b"])
         return _pair(mod, "lokr_w1_a x lokr_w1_b", a, b), int(b.shape[0])
@@ -302,7 +304,8 @@ def decode_module(mod: str, get: Getter, roles: dict[str, str], rule: AlphaRule)
             magnitude = get(roles[mrole])
     bias = Dense(get(roles["up_bias"])) if "up_bias" in keys else None
     if "down" in keys and "up" in keys:
-        return DecodedModule(decode_lora(mod, get, roles, rule), bias, magnitude, "dora" if magnitude is not None else "lora")
+        algo = "dora" if magnitude is not None else "lora"
+        return DecodedModule(decode_lora(mod, get, roles, rule), bias, magnitude, algo)
     if keys & LOHA_ROLES:
         return DecodedModule(decode_loha(mod, get, roles, rule), bias, magnitude, "loha")
     if keys & LOKR_ROLES:
@@ -318,10 +321,14 @@ def decode_module(mod: str, get: Getter, roles: dict[str, str], rule: AlphaRule)
     if "ia3" in keys:
         return DecodedModule(_needs_base("ia3", get, roles, "(IA)^3 scales W0 element-wise"), algorithm="ia3")
     if "full_weight" in keys or "full_bias" in keys:
-        w = _needs_base("replace", get, {k: v for k, v in roles.items() if k == "full_weight"}, "full replacement weight") if "full_weight" in keys else None
-        b = _needs_base("replace", get, {"full_bias": roles["full_bias"]}, "full replacement bias") if "full_bias" in keys else None
+        w = b = None
+        if "full_weight" in keys:
+            w = _needs_base("replace", get, {"full_weight": roles["full_weight"]}, "full replacement weight")
+        if "full_bias" in keys:
+            b = _needs_base("replace", get, {"full_bias": roles["full_bias"]}, "full replacement bias")
         return DecodedModule(w, b, algorithm="replace")
     if "down" in keys or "up" in keys:
         half = "down" if "down" in keys else "up"
-        raise _chain_error(mod, f"has a {half} factor ({roles[half]!r}) but no matching {'up' if half == 'down' else 'down'} factor")
+        other = "up" if half == "down" else "down"
+        raise _chain_error(mod, f"has a {half} factor ({roles[half]!r}) but no matching {other} factor")
     raise _chain_error(mod, f"no known adapter algorithm for tensors {sorted(roles.values())[:3]}")

@@ -28,7 +28,7 @@ from typing import Any
 
 from lorasearch.formats.base import COMPONENTS, ParsedLora, ReadContext, TensorSource, group_by_suffix, register_format
 from lorasearch.formats.lycoris_suffixes import KOHYA_SUFFIX_ROLES
-from lorasearch.formats.peft import LORA_ROLES, decode_dotted, describe_config_alpha, strip_adapter_name
+from lorasearch.formats.peft import LORA_ROLES, ConfigLookup, decode_dotted, describe_config_alpha, strip_adapter_name
 
 METADATA_KEY = "lora_adapter_metadata"
 
@@ -48,7 +48,9 @@ DOTTED_LYCORIS_ROLES: dict[str, str] = {
 }
 SUFFIX_ROLES: dict[str, str] = {**DOTTED_LYCORIS_ROLES, **DIFFUSERS_ROLES}
 
-_LEGACY_RX = re.compile(r"^(?P<mod>.+?)(?:\.processor)?\.(?P<proj>[A-Za-z0-9_]+?)_lora\.(?P<half>down|up)\.weight$")
+_LEGACY_RX = re.compile(
+    r"^(?P<mod>.+?)(?:\.processor)?\.(?P<proj>[A-Za-z0-9_]+?)_lora\.(?:(?P<half>down|up)\.weight|(?P<alpha>alpha))$"
+)
 _TE_LEGACY = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 _BFL_RX = re.compile(r"(^|[._])(double_blocks|single_blocks)[._]")
 _KOHYA_RX = re.compile(r"^(lora_unet_|lora_te[123]?_|lora_transformer_|lycoris_)")
@@ -75,7 +77,7 @@ def rewrite_legacy(key: str) -> str | None:
         proj = _TE_LEGACY.get(proj, proj)
     elif proj == "to_out":
         proj = "to_out.0"
-    return f"{mod}.{proj}.lora.{half}.weight"
+    return f"{mod}.{proj}.alpha" if m.group("alpha") else f"{mod}.{proj}.lora.{half}.weight"
 
 
 def normalise_key(key: str) -> tuple[str, bool]:
@@ -97,10 +99,13 @@ def split_module(mod: str) -> tuple[str | None, str]:
         for p in ROOT_PREFIXES:
             if path.startswith(p):
                 path = path[len(p):]
-    # diffusers' Attention.to_out is a ModuleList; its Linear is to_out.0
-    in_text_encoder = (comp or "").startswith("text_encoder")
-    if not in_text_encoder and (path.endswith(".to_out") or path == "to_out"):
-        path += ".0"
+    head, _, leaf = path.rpartition(".")
+    if (comp or "").startswith("text_encoder"):
+        # old diffusers named CLIP projections like UNet ones (DoRA magnitudes kept that naming)
+        if leaf in _TE_LEGACY:
+            path = f"{head}.{_TE_LEGACY[leaf]}" if head else _TE_LEGACY[leaf]
+    elif leaf == "to_out":
+        path += ".0"  # diffusers' Attention.to_out is a ModuleList; its Linear is to_out.0
     return comp, path
 
 
@@ -147,20 +152,58 @@ def parse_adapter_metadata(metadata: dict[str, str]) -> tuple[dict[str | None, d
     if not isinstance(parsed, dict):
         return {}, [f"{METADATA_KEY} is not a JSON object; scale 1 assumed"]
     per: dict[str | None, dict[str, Any]] = {}
-    plain = {k: v for k, v in parsed.items() if "." not in k and not isinstance(v, dict)}
+    plain: dict[str, Any] = {}
     for k, v in parsed.items():
-        if isinstance(v, dict) and ("r" in v or "lora_alpha" in v):
+        if isinstance(v, dict) and _looks_like_config(v):
             per[k] = dict(v)  # nested per component
         elif "." in k:
             comp, _, fieldname = k.partition(".")
             per.setdefault(comp, {})[fieldname] = v
-    if "r" in plain or "lora_alpha" in plain:
+        else:
+            plain[k] = v
+    if _looks_like_config(plain):
         per[None] = plain
     return per, []
 
 
+def _looks_like_config(d: dict[str, Any]) -> bool:
+    return any(k in d for k in ("r", "lora_alpha", "alpha"))
+
+
 def _first_segment(mod: str) -> str:
     return mod.split(".", 1)[0]
+
+
+def _sort_keys(keys: list[str]) -> tuple[dict[str, str], list[str], int]:
+    """Keys this reader decodes, normalised -> original; the rest; how many were legacy keys."""
+    normalised: dict[str, str] = {}
+    ignored: list[str] = []
+    legacy_count = 0
+    for k in keys:
+        if not is_diffusers_key(k):
+            ignored.append(k)
+            continue
+        nk, legacy = normalise_key(k)
+        legacy_count += legacy
+        normalised.setdefault(nk, k)
+    return normalised, ignored, legacy_count
+
+
+def _config_lookup(configs: dict[str | None, dict[str, Any]], peft_cfg: dict[str, Any] | None) -> ConfigLookup:
+    """Module name -> (the LoraConfig that scales it, its path inside the component)."""
+
+    def config_for(mod: str) -> tuple[dict[str, Any] | None, str]:
+        comp, path = split_module(mod)
+        first = _first_segment(mod)
+        if comp is not None and comp in configs:
+            return configs[comp], path
+        if first in configs:
+            return configs[first], mod[len(first) + 1:]
+        if None in configs:
+            return configs[None], path
+        return peft_cfg, path
+
+    return config_for
 
 
 class _DiffusersBase:
@@ -170,41 +213,22 @@ class _DiffusersBase:
     priority = 30
 
     def read(self, src: TensorSource, ctx: ReadContext) -> ParsedLora:
-        keys = src.keys()
-        normalised: dict[str, str] = {}
-        legacy_count = 0
-        ignored: list[str] = []
-        for k in keys:
-            if not is_diffusers_key(k):
-                ignored.append(k)
-                continue
-            nk, legacy = normalise_key(k)
-            legacy_count += legacy
-            normalised.setdefault(nk, k)
+        """Decode every module; component from the key prefix (None without one).
+
+        Raises:
+            BadInput: factors that do not chain, a bad config pattern.
+        """
+        normalised, ignored, legacy_count = _sort_keys(src.keys())
         groups_n, rest = group_by_suffix(list(normalised), SUFFIX_ROLES)
         ignored += [normalised[nk] for nk in rest]
         groups = {m: {role: normalised[nk] for role, nk in roles.items()} for m, roles in groups_n.items()}
-
         configs, warnings = parse_adapter_metadata(src.metadata)
-        peft_cfg = ctx.peft_config
-
-        def config_for(mod: str) -> tuple[dict[str, Any] | None, str]:
-            comp, path = split_module(mod)
-            first = _first_segment(mod)
-            if comp is not None and comp in configs:
-                return configs[comp], path
-            if first in configs:
-                return configs[first], mod[len(first) + 1:]
-            if None in configs:
-                return configs[None], path
-            return peft_cfg, path
-
-        mods, rep = decode_dotted(src, groups, config_for, split_module)
+        mods, rep = decode_dotted(src, groups, _config_lookup(configs, ctx.peft_config), split_module)
         warnings += rep.warnings
         meta: dict[str, Any] = {
             "algorithms": rep.algorithms,
             "layout": "legacy attention-processor" if legacy_count else "current",
-            "alpha_source": _alpha_source(groups, configs, peft_cfg),
+            "alpha_source": _alpha_source(groups, configs, ctx.peft_config),
         }
         if configs:
             meta["adapter_metadata_components"] = sorted(str(c) for c in configs)
@@ -216,11 +240,11 @@ class _DiffusersBase:
             meta["ignored_count"] = len(ignored)
         if warnings:
             meta["warnings"] = warnings
-        fmt = "diffusers_legacy" if legacy_count else "diffusers"
-        return ParsedLora(fmt, mods, None, meta)
+        return ParsedLora("diffusers_legacy" if legacy_count else "diffusers", mods, None, meta)
 
 
 def _alpha_source(groups: dict[str, dict[str, str]], configs: dict[str | None, dict[str, Any]], peft_cfg: dict[str, Any] | None) -> str:
+    """One line saying where the scales came from."""
     parts = []
     if any("alpha" in roles for roles in groups.values()):
         parts.append("per-module .alpha tensors (alpha/rank)")

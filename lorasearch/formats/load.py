@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lorasearch import families
-from lorasearch.delta import BIAS_SUFFIX, LoraDelta
+from lorasearch.delta import LoraDelta
 from lorasearch.errors import BadInput, UnsupportedLayout
 from lorasearch.formats.base import ReadContext, TensorSource, pick_reader
 from lorasearch.formats.safetensors_file import DEFAULT_MAX_FILE_BYTES, PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle_path
@@ -42,18 +42,7 @@ def read_source(src: TensorSource, ctx: ReadContext | None = None) -> LoraDelta:
             f"(e.g. {keys[0]!r})"
         )
     res = families.resolve(parsed, src.metadata, ctx.peft_config)
-    modules: dict[str, Any] = {}
-    magnitudes: dict[str, Any] = {}
-    duplicates: list[str] = []
-    for name, rm in zip(res.names, parsed.modules):
-        if rm.is_bias and not name.endswith(BIAS_SUFFIX):
-            name += BIAS_SUFFIX
-        if name in modules:
-            duplicates.append(name)
-            continue
-        modules[name] = rm.delta
-        if rm.magnitude is not None:
-            magnitudes[name] = rm.magnitude
+    modules, magnitudes, duplicates = families.canonical_modules(parsed, res)
     meta = dict(parsed.metadata)
     meta["dtypes"] = sorted({src.dtype(k) for k in keys})
     meta["family_detection"] = {

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lorasearch.delta import Dense, Factored, Kronecker
+from lorasearch.delta import Dense, Factored, Kronecker, NeedsBase
 from lorasearch.errors import BadInput, UnsupportedLayout
 from lorasearch.formats.algorithms import AlphaRule, DecodedModule, decode_module
 from lorasearch.formats.base import ParsedLora, RawModule, ReadContext, TensorSource, emit, group_by_suffix, register_format
@@ -56,6 +56,9 @@ PEFT_SUFFIX_ROLES: dict[str, str] = {
     ".weight": "full_weight",
     ".bias": "full_bias",
 }
+
+# module name -> (its adapter config or None, the key rank/alpha patterns are matched against)
+ConfigLookup = Callable[[str], tuple[dict[str, Any] | None, str]]
 
 SUPPORTED_PEFT_TYPES = ("LORA", "LOHA", "LOKR")
 # init methods that rewrite the base weights, so B@A is not the update to the original model
@@ -208,18 +211,66 @@ def _scale_stored_bias(dec: DecodedModule) -> DecodedModule:
     return dec
 
 
+def _split_full(mod: str, roles: dict[str, str], rep: DecodeReport) -> tuple[dict[str, str], str | None]:
+    """Separate whole ``.weight``/``.bias`` tensors from a module that also has adapter factors.
+
+    Returns:
+        the roles to decode, and the key of a whole bias kept beside the factors.
+    """
+    full = {"full_weight", "full_bias"}
+    if not (full & roles.keys()) or not (roles.keys() - full):
+        return roles, None
+    if "full_weight" in roles:
+        rep.warnings.append(f"{mod}: a whole weight is stored next to adapter factors; the whole weight is ignored")
+    return {k: v for k, v in roles.items() if k not in full}, roles.get("full_bias")
+
+
 _SCALED_ALGORITHMS = frozenset({"lora", "dora", "loha", "lokr", "lora_embedding"})
 
 
 def tensor_rank(dec: DecodedModule) -> int | None:
+    """The rank the tensors show, where it is the config's ``r`` (plain LoRA factors)."""
     w = dec.weight
-    return w.rank if isinstance(w, Factored) else None
+    return w.rank if isinstance(w, Factored) and dec.algorithm != "loha" else None
+
+
+def _decode_one(src: TensorSource, mod: str, roles: dict[str, str], rep: DecodeReport) -> DecodedModule:
+    """One module's tensors decoded at scale 1 (a stored ``.alpha`` already applied)."""
+    if "emb_A" in roles or "emb_B" in roles:
+        dec = DecodedModule(_embedding_delta(mod, src.get, roles), algorithm="lora_embedding")
+        if "magnitude" in roles:
+            dec.magnitude = src.get(roles["magnitude"])
+        return dec
+    roles, full_bias = _split_full(mod, roles, rep)
+    dec = decode_module(mod, src.get, roles, AlphaRule(alpha=None, missing="one"))
+    if full_bias is not None and dec.bias is None:
+        # peft bias="lora_only"/"all": the trained bias is saved whole next to the factors
+        b = src.get(full_bias)
+        dec.bias = NeedsBase("replace", {"full_bias": b}, shape=tuple(b.shape), note="full replacement bias")
+    return dec
+
+
+def _apply_scale(dec: DecodedModule, mod: str, roles: dict[str, str], config_for: ConfigLookup, rep: DecodeReport) -> DecodedModule:
+    """A stored ``.alpha`` (already in the weight) also scales the bias; else the config's scale, if any."""
+    if dec.algorithm not in _SCALED_ALGORITHMS:
+        return dec  # full weights, norms, base-dependent methods: no alpha/rank scale
+    if "alpha" in roles:
+        return _scale_stored_bias(dec)
+    cfg, pattern_key = config_for(mod)
+    if cfg is None:
+        return dec
+    algo = "lora" if dec.algorithm in ("lora", "dora", "lora_embedding") else dec.algorithm
+    ms = config_scale(cfg, pattern_key, algo)
+    r = tensor_rank(dec)
+    if r is not None and r != int(ms.r):
+        rep.rank_mismatches.append(f"{mod}: config r={ms.r:g}, tensors rank {r}")
+    return _with_scale(dec, ms.value)
 
 
 def decode_dotted(
     src: TensorSource,
     groups: dict[str, dict[str, str]],
-    config_for: Callable[[str], tuple[dict[str, Any] | None, str]],
+    config_for: ConfigLookup,
     locate: Callable[[str], tuple[str | None, str]],
 ) -> tuple[list[RawModule], DecodeReport]:
     """Decode ``module -> {role: key}`` groups of dotted (PEFT/diffusers) names.
@@ -238,35 +289,14 @@ def decode_dotted(
     Returns:
         the raw modules and a report (algorithms, warnings).
     """
-    unit = AlphaRule(alpha=None, missing="one")
     rep = DecodeReport()
     mods: list[RawModule] = []
     for mod, roles in groups.items():
-        if "emb_A" in roles or "emb_B" in roles:
-            dec = DecodedModule(_embedding_delta(mod, src.get, roles), algorithm="lora_embedding")
-            if "magnitude" in roles:
-                dec.magnitude = src.get(roles["magnitude"])
-        else:
-            if {"full_weight", "full_bias"} & roles.keys() and roles.keys() - {"full_weight", "full_bias"}:
-                rep.warnings.append(f"{mod}: full weights stored next to adapter factors; the full weights are ignored")
-                roles = {k: v for k, v in roles.items() if k not in ("full_weight", "full_bias")}
-            dec = decode_module(mod, src.get, roles, unit)
+        dec = _decode_one(src, mod, roles, rep)
         if dec.weight is None and dec.bias is None:
             continue
         rep.algorithms[dec.algorithm] = rep.algorithms.get(dec.algorithm, 0) + 1
-        if dec.algorithm not in _SCALED_ALGORITHMS:
-            pass  # full weights, norms, base-dependent methods: no alpha/rank scale
-        elif "alpha" in roles:
-            dec = _scale_stored_bias(dec)
-        else:
-            cfg, pattern_key = config_for(mod)
-            if cfg is not None:
-                algo = "lora" if dec.algorithm in ("lora", "dora", "lora_embedding") else dec.algorithm
-                ms = config_scale(cfg, pattern_key, algo)
-                r = tensor_rank(dec)
-                if r is not None and dec.algorithm != "loha" and r != int(ms.r):
-                    rep.rank_mismatches.append(f"{mod}: config r={ms.r:g}, tensors rank {r}")
-                dec = _with_scale(dec, ms.value)
+        dec = _apply_scale(dec, mod, roles, config_for, rep)
         comp, path = locate(mod)
         mods.extend(emit(dec, comp, path, False))
     if rep.rank_mismatches:
@@ -290,17 +320,17 @@ def normalise_peft_key(key: str) -> tuple[str | None, str]:
     """
     if ".original_module." in key:
         return None, "original_module copy (the untrained original of a modules_to_save module)"
-    if ".base_layer." in key:
-        return None, "base_layer weights (the frozen base of a LoRA-wrapped module)"
     if "lora_monteclora_sampler" in key:
         return None, "MonteCLoRA sampler state (not part of the merged update)"
     if "trainable_tokens_delta" in key or "token_adapter." in key:
         return None, "trainable-token rows (needs the base embedding; not read)"
-    k = _MODULES_TO_SAVE_RX.sub(".", key)
+    # bias="lora_only"/"all" saves the trained bias of a LoRA-wrapped layer as base_layer.bias
+    k = _MODULES_TO_SAVE_RX.sub(".", key).replace(".base_layer.", ".")
     return strip_adapter_name(k), ""
 
 
 def _unsupported(msg: str, example: str) -> UnsupportedLayout:
+    """The project-wide refusal message: what the layout is, and one key of it."""
     return UnsupportedLayout(f"unsupported LoRA layout: {msg} (e.g. {example!r})")
 
 
@@ -342,6 +372,71 @@ def config_summary(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class _Keys:
+    """A PEFT file's keys after normalisation: normalised -> original, and what was set aside."""
+
+    normalised: dict[str, str] = field(default_factory=dict)
+    ignored: dict[str, list[str]] = field(default_factory=dict)
+    duplicates: int = 0
+
+
+def _sort_keys(keys: list[str]) -> _Keys:
+    out = _Keys()
+    for k in keys:
+        if not k.startswith(PEFT_PREFIX):
+            out.ignored.setdefault("outside base_model.model.", []).append(k)
+            continue
+        nk, why = normalise_peft_key(k[len(PEFT_PREFIX):])
+        if nk is None:
+            out.ignored.setdefault(why, []).append(k)
+        elif nk in out.normalised:
+            out.duplicates += 1
+        else:
+            out.normalised[nk] = k
+    return out
+
+
+def _refuse_non_lora(keys: list[str], cfg: dict[str, Any] | None) -> str | None:
+    """Raise UnsupportedLayout for PEFT files that hold no per-module LoRA delta; returns the config's peft_type."""
+    outside = [k for k in keys if not k.startswith(PEFT_PREFIX)]
+    if outside and len(outside) == len(keys):
+        what = "UniLoRA's single shared vector" if any("unilora" in k for k in outside) else "no per-module adapter tensors"
+        raise _unsupported(f"PEFT file with {what}, not LoRA factors of named modules", outside[0])
+    peft_type = _check_peft_type(cfg, keys)
+    lora_e = [k for k in keys if k.endswith(".lora_E") or ".lora_E." in k]
+    if lora_e:
+        raise _unsupported("PEFT AdaLoRA (lora_E singular values) is not read", lora_e[0])
+    return peft_type
+
+
+def _peft_metadata(cfg: dict[str, Any] | None, rep: DecodeReport, sorted_keys: _Keys, peft_type: str | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"algorithms": rep.algorithms, "peft_type": peft_type or _infer_type(rep.algorithms)}
+    warnings = list(rep.warnings)
+    if cfg is None:
+        meta["alpha_source"] = NO_CONFIG_ALPHA
+    else:
+        meta["alpha_source"] = describe_config_alpha(cfg, "adapter_config.json")
+        meta["config"] = config_summary(cfg)
+        if cfg.get("fan_in_fan_out"):
+            meta["fan_in_fan_out"] = "true: the base layers are Conv1D (weight stored in x out); deltas are kept out x in = B@A"
+        if cfg.get("monteclora_config"):
+            meta["monteclora"] = "variational sampler ignored; peft merges the plain LoRA B@A"
+        init_warn = _init_warning(cfg)
+        if init_warn:
+            warnings.append(init_warn)
+    if sorted_keys.duplicates:
+        warnings.append(f"{sorted_keys.duplicates} tensors duplicate another after removing adapter/wrapper names; first kept")
+    if sorted_keys.ignored:
+        flat = [k for ks in sorted_keys.ignored.values() for k in ks]
+        meta["ignored_keys"] = flat[:20]
+        meta["ignored_count"] = len(flat)
+        meta["ignored_reasons"] = {why: len(ks) for why, ks in sorted_keys.ignored.items()}
+    if warnings:
+        meta["warnings"] = warnings
+    return meta
+
+
 @register_format
 class PeftReader:
     """PEFT ``save_pretrained`` / ``get_peft_model_state_dict`` files."""
@@ -353,66 +448,25 @@ class PeftReader:
         return any(k.startswith("base_model.") for k in keys)
 
     def read(self, src: TensorSource, ctx: ReadContext) -> ParsedLora:
-        keys = src.keys()
-        cfg = ctx.peft_config
-        outside = [k for k in keys if not k.startswith(PEFT_PREFIX)]
-        if outside and len(outside) == len(keys):
-            what = "UniLoRA's single shared vector" if any("unilora" in k for k in outside) else "no per-module adapter tensors"
-            raise _unsupported(f"PEFT file with {what}, not LoRA factors of named modules", outside[0])
-        peft_type = _check_peft_type(cfg, keys)
-        if any(k.endswith(".lora_E") or ".lora_E." in k for k in keys):
-            raise _unsupported("PEFT AdaLoRA (lora_E singular values) is not read", next(k for k in keys if "lora_E" in k))
+        """Decode every adapter module; names are paths from the model root (component None).
 
-        ignored: dict[str, list[str]] = {}
-        normalised: dict[str, str] = {}
-        duplicates = 0
-        for k in keys:
-            if not k.startswith(PEFT_PREFIX):
-                ignored.setdefault("outside base_model.model.", []).append(k)
-                continue
-            nk, why = normalise_peft_key(k[len(PEFT_PREFIX):])
-            if nk is None:
-                ignored.setdefault(why, []).append(k)
-            elif nk in normalised:
-                duplicates += 1
-            else:
-                normalised[nk] = k
-        groups_n, rest = group_by_suffix(list(normalised), PEFT_SUFFIX_ROLES)
-        groups = {m: {role: normalised[nk] for role, nk in roles.items()} for m, roles in groups_n.items()}
+        Raises:
+            UnsupportedLayout: UniLoRA, AdaLoRA, non-LoRA peft types, files with no factors.
+            BadInput: factors that do not chain, a bad config.
+        """
+        keys, cfg = src.keys(), ctx.peft_config
+        peft_type = _refuse_non_lora(keys, cfg)
+        sk = _sort_keys(keys)
+        groups_n, rest = group_by_suffix(list(sk.normalised), PEFT_SUFFIX_ROLES)
+        groups = {m: {role: sk.normalised[nk] for role, nk in roles.items()} for m, roles in groups_n.items()}
         for nk in rest:
-            ignored.setdefault("unknown parameter name", []).append(normalised[nk])
-
+            sk.ignored.setdefault("unknown parameter name", []).append(sk.normalised[nk])
+        # peft matches rank/alpha patterns against the module path inside the wrapped model
         mods, rep = decode_dotted(src, groups, lambda m: (cfg, m), lambda m: (None, m))
-        if not any(not (rm.delta.kind == "needs_base") for rm in mods):
-            example = next(iter(normalised.values()), keys[0])
+        if all(isinstance(rm.delta, NeedsBase) for rm in mods):
+            example = next(iter(sk.normalised.values()), keys[0])
             raise _unsupported("PEFT file without any adapter factors (only full weights or unknown tensors)", example)
-
-        meta: dict[str, Any] = {"algorithms": rep.algorithms, "peft_type": peft_type or _infer_type(rep.algorithms)}
-        if cfg is None:
-            meta["alpha_source"] = NO_CONFIG_ALPHA
-        else:
-            meta["alpha_source"] = describe_config_alpha(cfg, "adapter_config.json")
-            meta["config"] = config_summary(cfg)
-            if cfg.get("fan_in_fan_out"):
-                meta["fan_in_fan_out"] = (
-                    "true: the base layers are Conv1D (weight stored in x out); deltas are kept out x in = B@A"
-                )
-            if cfg.get("monteclora_config"):
-                meta["monteclora"] = "variational sampler ignored; peft merges the plain LoRA B@A"
-        warnings = list(rep.warnings)
-        if duplicates:
-            warnings.append(f"{duplicates} tensors duplicate another after removing adapter/wrapper names; first kept")
-        init_warn = _init_warning(cfg)
-        if init_warn:
-            warnings.append(init_warn)
-        if ignored:
-            flat = [k for ks in ignored.values() for k in ks]
-            meta["ignored_keys"] = flat[:20]
-            meta["ignored_count"] = len(flat)
-            meta["ignored_reasons"] = {why: len(ks) for why, ks in ignored.items()}
-        if warnings:
-            meta["warnings"] = warnings
-        return ParsedLora("peft", mods, None, meta)
+        return ParsedLora("peft", mods, None, _peft_metadata(cfg, rep, sk, peft_type))
 
 
 def _infer_type(algorithms: dict[str, int]) -> str:

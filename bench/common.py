@@ -1,0 +1,136 @@
+"""Shared helpers for the benchmarks: data, timing, machine info, BENCHMARKS.md sections.
+
+Benchmarks print their tables on stdout and, with ``--write``, replace their
+own section of ``bench/BENCHMARKS.md`` (between ``<!-- bench:NAME -->`` and
+``<!-- /bench:NAME -->``), so each one can be re-run without touching the
+others' sections.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LORASEARCH_SHARED", REPO.parent / "shared"))
+SHARED_LORAS = SHARED / "loras"
+BENCHMARKS_MD = REPO / "bench" / "BENCHMARKS.md"
+
+if str(REPO) not in sys.path:  # run as `python bench/x.py` from anywhere
+    sys.path.insert(0, str(REPO))
+
+
+def shared_files(family: str, folder: Path = SHARED_LORAS) -> list[tuple[Path, Any]]:
+    """Every readable real file of one family, with its LoraDelta.
+
+    Args:
+        family: e.g. ``sd15``.
+        folder: the shared real-file folder.
+
+    Returns:
+        (path, LoraDelta) sorted by path; unreadable files are skipped.
+    """
+    from lorasearch.errors import LoraSearchError
+    from lorasearch.formats import load_lora
+
+    if not folder.is_dir():
+        raise SystemExit(f"{folder} is missing: the benchmark needs the shared real files (set LORASEARCH_SHARED)")
+    out = []
+    for p in sorted(folder.glob("*.safetensors")):
+        try:
+            ld = load_lora(p)
+        except LoraSearchError:
+            continue
+        if ld.family == family:
+            out.append((p, ld))
+    return out
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Wall time of one call (perf_counter) and its result."""
+    t = time.perf_counter()
+    r = fn()
+    return time.perf_counter() - t, r
+
+
+def repeat(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> list[float]:
+    """Wall times of ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    return [timed(fn)[0] for _ in range(repeats)]
+
+
+def median(xs: Iterable[float]) -> float:
+    return float(statistics.median(list(xs)))
+
+
+def machine() -> str:
+    """One line describing the machine and the library versions that matter for timings."""
+    import numpy as np
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        tv = torch.__version__
+    except ImportError:  # pragma: no cover
+        tv = "-"
+    return (f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}, "
+            f"numpy {np.__version__}, torch {tv}")
+
+
+def today() -> str:
+    return _dt.date.today().isoformat()
+
+
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub markdown table; floats are written with 4 significant digits."""
+    def cell(x: Any) -> str:
+        if isinstance(x, float):
+            return f"{x:.4g}"
+        return str(x)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace (or append) the section of one benchmark in BENCHMARKS.md.
+
+    Args:
+        name: the benchmark's id (``sketch_error``, ``embed_cost``...).
+        body: markdown, starting with its own ``## `` heading.
+        path: the markdown file.
+    """
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    block = f"{start}\n{body.strip()}\n{end}"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    pat = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    text = pat.sub(lambda _: block, text) if pat.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def command_line() -> str:
+    """The command that ran this benchmark, relative to the repo root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(REPO)
+    except ValueError:
+        pass
+    return " ".join(["python", str(script), *sys.argv[1:]])
