@@ -1022,8 +1022,10 @@ class Store:
 
     def _catch_up(self, cur: VectorIndex, family: str, view: str, live: np.ndarray, dead: set[int]) -> str:
         """Add missing ids, remove deleted ones; ``rebuild`` when the index cannot be trusted or has the wrong type."""
-        present = cur.ids()
         live_set = set(live.tolist())
+        if cur.kind != self.policy.choose(len(live_set), cur.dim, cur.kind):
+            return "rebuild"
+        present = cur.ids()
         pset = set(present.tolist())
         foreign = pset - live_set - dead
         if foreign or len(pset) != len(present):
@@ -1041,8 +1043,7 @@ class Store:
             cur.add(missing, self.vectors(view, missing))
         if extra:
             cur.remove(extra)
-        n = len(live_set)
-        if cur.kind != self.policy.choose(n, cur.dim, cur.kind) or cur.needs_rebuild(n):
+        if cur.needs_rebuild(len(live_set)):
             return "rebuild"
         # HNSW tombstones live in memory only: tombstoning alone leaves the saved file as it is
         content_changed = bool(len(missing)) or (bool(extra) and cur.kind != "hnsw")

@@ -42,8 +42,9 @@ def main() -> int:
     OUT.mkdir(exist_ok=True)
     print("lorasearch demo: read LoRAs of every format into one canonical weight update")
     samples = info_folder(SAMPLES, OUT / "samples_info.jsonl")
-    pairs = [("tiny_peft", "tiny_kohya.safetensors"), ("tiny_peft", "tiny_diffusers_bf16.safetensors"),
-             ("tiny_peft", "tiny_other_peft")]
+    pairs = [("tiny_peft", "tiny_kohya.safetensors"), ("tiny_peft", "tiny_diffusers.safetensors"),
+             ("tiny_peft", "tiny_peft_bf16.safetensors"), ("tiny_peft", "tiny_other_peft"),
+             ("tiny_peft", "tiny_loha.safetensors")]
     print("\nexact cosine of the weight updates (same update in another format -> 1.0; unrelated -> ~0):")
     for a, b in pairs:
         if (SAMPLES / a).exists() and (SAMPLES / b).exists():
@@ -52,6 +53,9 @@ def main() -> int:
                 print(res.stderr.strip())
                 return res.returncode
             d = json.loads(res.stdout)
+            if d["cosine"] is None:
+                print(f"  {a:>18} vs {b:<34} nothing comparable ({d['family_a']} vs {d['family_b']})")
+                continue
             print(f"  {a:>18} vs {b:<34} cosine {d['cosine']:+.6f}  coefficient {d['coefficient']:+.4f}  ({d['shared_modules']} modules)")
     if SHARED.is_dir():
         info_folder(SHARED, OUT / "shared_loras_info.jsonl")

@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
+import pytest
+
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".ckpt")
 _DATE = "2024-01-01T00:00:00.000Z"
 
@@ -349,3 +351,68 @@ def iter_repo_files(folder: Path) -> Iterator[tuple[str, Path]]:
         if p.is_file():
             yield p.relative_to(folder).as_posix(), p
 
+
+
+# -- the repos the tests use ---------------------------------------------------------------------------------------
+GPT2 = "phuongsky__lora-gpt2-pipeline__outputs__adapter_model"
+GPTNEO = "ironhack-labs__lab-lora-tuning-peft__peft_lab_outputs__checkpoint-35__adapter_model"
+SD15 = "cloneofsimo__lora__example_loras__lora_disney_inpainting"
+
+
+@dataclass
+class DemoHub:
+    """The started double and the commit shas of its demo repos."""
+
+    hub: HubDouble
+    shas: dict[str, list[str]]
+
+    @property
+    def endpoint(self) -> str:
+        return self.hub.endpoint
+
+
+def build_demo_hub(root: Path, shared_loras: Path) -> DemoHub:
+    """Repos built from real files of ``shared_loras`` (read in place, never copied into the repo).
+
+    - ``alice/gpt2-lora``: commit 1 is a PEFT adapter at the root (weights + config + README);
+      commit 2 (``main``) adds ``extra/disney.safetensors`` and a pickled ``model.bin``.
+      Tags ``lora``, ``peft``, ``base_model:adapter:distilgpt2``.
+    - ``bob/sd-lora``: ``disney.safetensors`` and a PEFT folder ``nested/peft/``. Tags ``lora``, ``diffusers``.
+    - ``carol/readme-only``: only a README (tag ``lora``): nothing to index.
+    - ``dave/bin-only``: only a pickled ``pytorch_lora_weights.bin`` (tag ``pickle``).
+    """
+    s = Path(shared_loras)
+    hub = HubDouble(root).start()
+    peft_root = {"adapter_model.safetensors": s / f"{GPT2}.safetensors",
+                 "adapter_config.json": s / f"{GPT2}.adapter_config.json", "README.md": b"# gpt2 lora\n"}
+    a1 = hub.add_commit("alice/gpt2-lora", peft_root, tags=["lora", "peft", "base_model:adapter:distilgpt2"])
+    a2 = hub.add_commit("alice/gpt2-lora", peft_root | {"extra/disney.safetensors": s / f"{SD15}.safetensors",
+                                                        "model.bin": b"\x80\x04not unpickled"})
+    b1 = hub.add_commit("bob/sd-lora", {"disney.safetensors": s / f"{SD15}.safetensors",
+                                        "nested/peft/adapter_model.safetensors": s / f"{GPTNEO}.safetensors",
+                                        "nested/peft/adapter_config.json": s / f"{GPTNEO}.adapter_config.json"},
+                        tags=["lora", "diffusers"])
+    c1 = hub.add_commit("carol/readme-only", {"README.md": b"# nothing here\n"}, tags=["lora"])
+    d1 = hub.add_commit("dave/bin-only", {"pytorch_lora_weights.bin": b"\x80\x04not unpickled"}, tags=["pickle"])
+    return DemoHub(hub, {"alice/gpt2-lora": [a1, a2], "bob/sd-lora": [b1], "carol/readme-only": [c1],
+                         "dave/bin-only": [d1]})
+
+
+def dead_endpoint() -> str:
+    """A loopback URL where nothing listens (a port that was free a moment ago)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def demo_hub(tmp_path_factory: pytest.TempPathFactory, shared_loras: Path) -> Iterator[DemoHub]:
+    """The hub double with the demo repos, started for a test module and stopped after it."""
+    demo = build_demo_hub(tmp_path_factory.mktemp("hub-files"), shared_loras)
+    try:
+        yield demo
+    finally:
+        demo.hub.stop()

@@ -51,6 +51,8 @@ def read_source(src: TensorSource, ctx: ReadContext | None = None) -> LoraDelta:
         "unmatched_count": len(res.unmatched),
         "shape_mismatches": res.shape_mismatches[:20],
         "hints": res.hints,
+        "fused_kept": res.fused_kept[:20],
+        "fused_kept_count": len(res.fused_kept),
     }
     if duplicates:
         meta.setdefault("warnings", []).append(f"{len(duplicates)} modules appear twice; first kept (e.g. {duplicates[0]})")

@@ -1,0 +1,384 @@
+"""The indexing pipeline: sources -> (workers: read + embed) -> the parent writes the store in batches.
+
+- Workers (a ``ProcessPoolExecutor`` with the ``spawn`` context, recycled
+  every ``MAX_TASKS_PER_CHILD`` items to bound memory) run ``load_lora`` and
+  ``embed`` and return picklable results; with ``workers=1`` the same work runs
+  in the parent process.
+- The parent is the single writer: ``Store.add_many`` per batch (``batch``
+  items, or fewer when their files pass ``BATCH_BYTES`` or ``FLUSH_SECONDS``
+  passed), then the job table records the items as done (see ``indexer.jobs``
+  for why a kill between the two is harmless).
+- A re-run of the same command resumes its unfinished job: items already done
+  are not read again. A new command skips files an earlier job already indexed
+  from the same source with the same size and mtime.
+- One bad file, a worker that dies, or a source that cannot be reached becomes
+  an entry of ``failed`` with a reason; it never stops the run.
+"""
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from lorasearch.delta import LoraDelta
+from lorasearch.embed import Embedding, embed
+from lorasearch.errors import BadInput
+from lorasearch.formats.load import load_lora
+from lorasearch.sketch import DEFAULT_DIM, DEFAULT_K
+from lorasearch.store import Store
+
+from indexer.jobs import DONE, JobTable, Outcome
+from indexer.sources import DEFAULT_SEARCH_LIMIT, Failure, WorkItem, expand_sources
+
+MAX_TASKS_PER_CHILD = 64
+BATCH_BYTES = 512 * 2**20  # results hold every factor of their LoRA: cap what waits in the parent
+FLUSH_SECONDS = 5.0
+RECORD_EVERY = 1000  # job rows (pending/skipped/failed) buffered before a write
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@dataclass
+class Result:
+    """What a worker sends back for one item: the LoRA and its embedding, or an error."""
+
+    item: WorkItem
+    ld: LoraDelta | None = None
+    emb: Embedding | None = None
+    error: str | None = None
+
+
+def process_item(item: WorkItem, k: int = DEFAULT_K, dim: int = DEFAULT_DIM) -> Result:
+    """Read and embed one item (runs in a worker); every failure becomes ``Result.error``.
+
+    Args:
+        item: the work item.
+        k: sketch size.
+        dim: view vector length.
+    """
+    try:
+        ld = load_lora(item.path)
+        return Result(item, ld, embed(ld, k=k, dim=dim))
+    except BadInput as exc:
+        return Result(item, error=str(exc))
+    except MemoryError:
+        return Result(item, error=f"{item.path}: out of memory while reading or embedding")
+    except Exception as exc:  # noqa: BLE001 - one bad file never stops the batch
+        return Result(item, error=f"{item.path}: internal error {exc.__class__.__name__}: {exc}")
+
+
+@dataclass
+class _Tally:
+    """Running counts for the progress bar."""
+
+    added: int = 0
+    duplicates: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seen: int = 0
+
+    def postfix(self) -> dict[str, int]:
+        return {"added": self.added, "dup": self.duplicates, "skip": self.skipped, "failed": self.failed}
+
+
+@dataclass
+class _Batch:
+    """Results waiting for the next store write."""
+
+    results: list[Result] = field(default_factory=list)
+    nbytes: int = 0
+    since: float = field(default_factory=time.monotonic)
+
+    def due(self, size: int) -> bool:
+        return bool(self.results) and (
+            len(self.results) >= size or self.nbytes >= BATCH_BYTES or time.monotonic() - self.since >= FLUSH_SECONDS
+        )
+
+
+class _Writer:
+    """The parent's side: job-table bookkeeping and batched store writes."""
+
+    def __init__(self, store: Store, jobs: JobTable, job_id: int, labels: list[str] | None, bar: Any) -> None:
+        self.store, self.jobs, self.job_id, self.labels, self.bar = store, jobs, job_id, labels, bar
+        self.tally = _Tally()
+        self.batch = _Batch()
+        self.new_items: list[WorkItem] = []
+        self.skipped: list[tuple[WorkItem, int]] = []
+        self.failures: list[tuple[Failure, WorkItem | None]] = []
+
+    def _show(self) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(self.tally.postfix(), refresh=False)
+
+    def discovered(self) -> None:
+        self.tally.seen += 1
+        if self.bar is not None:
+            self.bar.total = self.tally.seen
+            self.bar.refresh()
+
+    def finished_one(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+        self._show()
+
+    def skip(self, item: WorkItem, lora_id: int) -> None:
+        self.skipped.append((item, lora_id))
+        self.tally.skipped += 1
+        self.finished_one()
+
+    def fail(self, failure: Failure, item: WorkItem | None = None) -> None:
+        self.failures.append((failure, item))
+        self.tally.failed += 1
+        self.finished_one()
+
+    def add(self, res: Result) -> None:
+        if res.error is not None or res.ld is None or res.emb is None:
+            self.fail(Failure(res.item.source, res.error or "no result", res.item.path), res.item)
+            return
+        self.batch.results.append(res)
+        self.batch.nbytes += res.item.size
+
+    def backlog(self) -> int:
+        return len(self.new_items) + len(self.skipped) + len(self.failures)
+
+    def flush_records(self) -> None:
+        """Write pending/skipped/failed rows gathered since the last write."""
+        if self.new_items or self.skipped or self.failures:
+            self.jobs.record(self.job_id, self.new_items, self.skipped, self.failures)
+            self.new_items, self.skipped, self.failures = [], [], []
+
+    def flush(self) -> None:
+        """Commit the waiting results: job rows -> committing, store.add_many, job rows -> done."""
+        self.flush_records()
+        results, self.batch = self.batch.results, _Batch()
+        if not results:
+            return
+        self.jobs.mark_committing(self.job_id, [(r.item, _autov3(r.ld)) for r in results])
+        stored = self._store(results)
+        outcomes = [Outcome(r.item, _autov3(r.ld), lid, new) for r, (lid, new) in stored]
+        for o in self.jobs.mark_done(self.job_id, outcomes):
+            if o == "added":
+                self.tally.added += 1
+            else:
+                self.tally.duplicates += 1
+        self.finished_one(len(outcomes))
+        self.flush_records()
+
+    def _store(self, results: list[Result]) -> list[tuple[Result, tuple[int, bool]]]:
+        """``add_many`` for the batch; if it fails, item by item so only the bad ones fail."""
+        items = [(r.ld, r.emb, r.item.source_dict(), self.labels) for r in results]
+        try:
+            return list(zip(results, self.store.add_many(items)))
+        except Exception:  # noqa: BLE001 - find the bad item(s) below
+            pass
+        out = []
+        for r, it in zip(results, items):
+            try:
+                out.append((r, self.store.add_many([it])[0]))
+            except Exception as exc:  # noqa: BLE001
+                self.fail(Failure(r.item.source, f"{r.item.path}: could not store: {exc.__class__.__name__}: {exc}",
+                                  r.item.path), r.item)
+        return out
+
+
+def _autov3(ld: LoraDelta | None) -> str:
+    return str((ld.source if ld is not None else {}).get("autov3") or "").upper()
+
+
+@contextlib.contextmanager
+def _single_threaded_children() -> Iterator[None]:
+    """Workers inherit one BLAS/OpenMP thread each (the pool is the parallelism)."""
+    old = {v: os.environ.get(v) for v in _THREAD_VARS}
+    for v in _THREAD_VARS:
+        os.environ.setdefault(v, "1")
+    try:
+        yield
+    finally:
+        for v, val in old.items():
+            if val is None:
+                os.environ.pop(v, None)
+            else:
+                os.environ[v] = val
+
+
+def _new_pool(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                               max_tasks_per_child=MAX_TASKS_PER_CHILD)
+
+
+class _PoolRunner:
+    """Keeps at most ``2 × workers`` items in flight; survives a worker that dies."""
+
+    def __init__(self, workers: int, k: int, dim: int, on_result: Callable[[Result], None]) -> None:
+        self.workers, self.k, self.dim, self.on_result = workers, k, dim, on_result
+        self.pool = _new_pool(workers)
+        self.inflight: dict[Future[Result], WorkItem] = {}
+        self.suspects: deque[WorkItem] = deque()
+
+    def submit(self, item: WorkItem) -> None:
+        while len(self.inflight) >= 2 * self.workers:
+            self.collect(block=True)
+        self.inflight[self.pool.submit(process_item, item, self.k, self.dim)] = item
+
+    def collect(self, block: bool) -> None:
+        if not self.inflight:
+            return
+        done, _ = wait(list(self.inflight), timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        broken: list[WorkItem] = []
+        for fut in done:
+            item = self.inflight.pop(fut)
+            try:
+                self.on_result(fut.result())
+            except BrokenProcessPool:
+                broken.append(item)
+        if broken:
+            self._recover(broken)
+
+    def _recover(self, broken: list[WorkItem]) -> None:
+        """A worker died (segfault, OOM kill): re-run the affected items one at a time to find the culprit."""
+        broken += list(self.inflight.values())
+        self.inflight.clear()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = _new_pool(self.workers)
+        for item in broken:
+            fut = self.pool.submit(process_item, item, self.k, self.dim)
+            try:
+                self.on_result(fut.result())
+            except BrokenProcessPool:
+                self.on_result(Result(item, error=f"{item.path}: the worker process died while reading it "
+                                                  "(crash or out of memory)"))
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                self.pool = _new_pool(self.workers)
+
+    def drain(self) -> None:
+        while self.inflight:
+            self.collect(block=True)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _progress_bar(enabled: bool) -> Any:
+    if not (enabled and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=0, unit="lora", desc="indexing", file=sys.stderr, dynamic_ncols=True)
+
+
+def run_index(
+    sources: Sequence[str],
+    db: str | Path,
+    workers: int = 1,
+    keep_files: bool = True,
+    progress: bool = True,
+    endpoint: str | None = None,
+    batch: int = 32,
+    cache_dir: str | Path | None = None,
+    search_limit: int = DEFAULT_SEARCH_LIMIT,
+    labels: list[str] | None = None,
+) -> dict[str, Any]:
+    """Index LoRAs from files, folders and hub repos into the store at ``db``.
+
+    Args:
+        sources: paths, ``hf:owner/name[@revision]``, ``hf-search:<filter>[,...]``.
+        db: the store directory (created if missing).
+        workers: reader/embedder processes (1: in this process).
+        keep_files: keep a content-addressed copy of each file in the store.
+        progress: show a progress bar on stderr (only when stderr is a terminal).
+        endpoint: hub URL (default ``HF_ENDPOINT`` or huggingface.co).
+        batch: LoRAs per store transaction.
+        cache_dir: huggingface_hub cache folder (default its own).
+        search_limit: most repos one ``hf-search:`` source expands to.
+        labels: labels given to every newly indexed LoRA.
+
+    Returns:
+        ``{"added", "duplicates", "skipped", "failed": [{"source", "error", "item"?}], "job",
+        "resumed", "items", "seconds"}``: counts over the whole job (a resumed job
+        counts the items its earlier, interrupted runs finished too).
+    """
+    t0 = time.monotonic()
+    sources = list(sources)
+    store = Store(db, keep_files=keep_files)
+    try:
+        jobs = JobTable(store)
+        job_id, resumed = jobs.open(sources)
+        k, dim = store.k or DEFAULT_K, store.dim or DEFAULT_DIM
+        bar = _progress_bar(progress)
+        writer = _Writer(store, jobs, job_id, labels, bar)
+        if resumed:
+            s = jobs.summary(job_id)
+            writer.tally = _Tally(s["added"], s["duplicates"], s["skipped"])
+        try:
+            _run(sources, writer, jobs, job_id, workers, k, dim, batch, endpoint, cache_dir, search_limit)
+        finally:
+            if bar is not None:
+                bar.close()
+        jobs.finish(job_id)
+        out = jobs.summary(job_id)
+    finally:
+        store.close()
+    out.pop("pending", None)
+    out["resumed"] = resumed
+    out["items"] = out["added"] + out["duplicates"] + out["skipped"] + len(out["failed"])
+    out["seconds"] = round(time.monotonic() - t0, 3)
+    return out
+
+
+def _run(sources: list[str], writer: _Writer, jobs: JobTable, job_id: int, workers: int, k: int, dim: int,
+         batch: int, endpoint: str | None, cache_dir: str | Path | None, search_limit: int) -> None:
+    """Expand the sources lazily, hand new items to the workers, write results in batches."""
+    known = jobs.known(job_id)
+
+    def on_result(res: Result) -> None:
+        writer.add(res)
+        if writer.batch.due(batch):
+            writer.flush()
+
+    runner = _PoolRunner(workers, k, dim, on_result) if workers > 1 else None
+    try:
+        with _single_threaded_children() if runner else contextlib.nullcontext():
+            for x in expand_sources(sources, endpoint, cache_dir, search_limit):
+                writer.discovered()
+                if isinstance(x, Failure):
+                    writer.fail(x)
+                    continue
+                if _already_done(x, known, writer, jobs):
+                    continue
+                if writer.backlog() >= RECORD_EVERY:
+                    writer.flush_records()
+                if runner is None:
+                    on_result(process_item(x, k, dim))
+                else:
+                    runner.submit(x)
+                    runner.collect(block=False)
+            if runner is not None:
+                runner.drain()
+        writer.flush()
+    finally:
+        if runner is not None:
+            runner.close()
+
+
+def _already_done(item: WorkItem, known: dict[tuple[str, str], tuple[str, int | None, int | None]],
+                  writer: _Writer, jobs: JobTable) -> bool:
+    """True when the item needs no work: done by this job's interrupted run, or by an earlier job (skipped)."""
+    prev = known.get((item.source, item.key))
+    if prev is not None:
+        if prev[0] == DONE and prev[1:] == (item.size, item.mtime_ns):
+            writer.finished_one()
+            return True
+        return False
+    lid = jobs.done_before(item)
+    if lid is not None:
+        writer.skip(item, lid)
+        return True
+    writer.new_items.append(item)
+    return False
