@@ -216,8 +216,9 @@ def _new_pool(workers: int) -> ProcessPoolExecutor:
 class _PoolRunner:
     """Keeps at most ``2 × workers`` items in flight; survives a worker that dies."""
 
-    def __init__(self, workers: int, k: int, dim: int, on_result: Callable[[Result], None]) -> None:
-        self.workers, self.k, self.dim, self.on_result = workers, k, dim, on_result
+    def __init__(self, workers: int, k: int, dim: int, on_result: Callable[[Result], None],
+                 fn: Callable[[WorkItem, int, int], Result] = process_item) -> None:
+        self.workers, self.k, self.dim, self.on_result, self.fn = workers, k, dim, on_result, fn
         self.pool = _new_pool(workers)
         self.inflight: dict[Future[Result], WorkItem] = {}
         self.suspects: deque[WorkItem] = deque()
@@ -225,7 +226,7 @@ class _PoolRunner:
     def submit(self, item: WorkItem) -> None:
         while len(self.inflight) >= 2 * self.workers:
             self.collect(block=True)
-        self.inflight[self.pool.submit(process_item, item, self.k, self.dim)] = item
+        self.inflight[self.pool.submit(self.fn, item, self.k, self.dim)] = item
 
     def collect(self, block: bool) -> None:
         if not self.inflight:
@@ -248,7 +249,7 @@ class _PoolRunner:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.pool = _new_pool(self.workers)
         for item in broken:
-            fut = self.pool.submit(process_item, item, self.k, self.dim)
+            fut = self.pool.submit(self.fn, item, self.k, self.dim)
             try:
                 self.on_result(fut.result())
             except BrokenProcessPool:

@@ -235,6 +235,7 @@ _REWRITES_DOTTED = (
     (re.compile(r"\.lora_linear_layer$"), ""),
     (re.compile(r"\.(weight|scale)$"), ""),
 )
+_CLIP_HEADS = ("encoder", "embeddings", "final_layer_norm")
 _REWRITES_FLAT = (
     (re.compile(r"_processor_(to_[qkv])_lora$"), r"_\1"),
     (re.compile(r"_processor_to_out_lora$"), "_to_out_0"),
@@ -256,6 +257,12 @@ def _variants(path: str, flat: bool) -> Iterator[str]:
         if new != path:
             path = new
             yield path
+    # transformers 5 dropped CLIPTextModel's ``text_model.`` level, so new
+    # text-encoder LoRAs say ``encoder.layers...`` where the tables (and older
+    # files) say ``text_model.encoder.layers...``
+    sep = "_" if flat else "."
+    if path.startswith(tuple(f"{head}{sep}" for head in _CLIP_HEADS)):
+        yield f"text_model{sep}{path}"
 
 
 def _components_for(idx: _Index, tag: str | None, path: str, flat: bool) -> list[tuple[str, str]]:

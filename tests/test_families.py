@@ -714,3 +714,15 @@ def test_lora_keys_detection(path: Path) -> None:
     src = DictSource(_small_tensors(data["tensors"]), dict(data.get("metadata") or {}))
     ld = formats.read_source(src, ReadContext(path=path.name))
     assert _family_ok(ld.family, EXPECTED[path.stem]), ld.metadata.get("family_detection")
+
+
+@pytest.mark.parametrize("component,path,flat", [
+    ("text_encoder", "encoder.layers.{i}.self_attn.q_proj", False),   # transformers 5 CLIPTextModel names
+    ("te", "encoder_layers_{i}_self_attn_q_proj", True),
+    ("text_encoder", "text_model.encoder.layers.{i}.self_attn.q_proj", False),
+])
+def test_clip_names_with_and_without_text_model(component: str, path: str, flat: bool) -> None:
+    mods = [mod(component, path.format(i=i), 768, 768, flat=flat) for i in range(3)]
+    res = families.resolve(parsed(*mods))
+    assert res.family == "sd15" and not res.unmatched
+    assert res.names[0] == "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
