@@ -17,6 +17,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+# One BLAS/torch thread per process unless BENCH_THREADS says otherwise: the indexer
+# runs one worker process per core, and on a small shared machine a second BLAS
+# thread that finds its core busy makes timings swing by 10× (measured).
+BENCH_THREADS = os.environ.get("BENCH_THREADS", "1")
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, BENCH_THREADS)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LORASEARCH_SHARED", REPO.parent / "shared"))
 SHARED_LORAS = SHARED / "loras"
@@ -59,6 +66,20 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t, r
 
 
+def timed_cpu(fn: Callable[[], Any]) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one call; CPU time is what contention on a shared machine leaves alone."""
+    c, t = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def set_torch_threads() -> None:
+    """Apply BENCH_THREADS to torch too (the read baseline uses it)."""
+    import torch
+
+    torch.set_num_threads(int(BENCH_THREADS))
+
+
 def repeat(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> list[float]:
     """Wall times of ``repeats`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
@@ -88,8 +109,12 @@ def machine() -> str:
         tv = torch.__version__
     except ImportError:  # pragma: no cover
         tv = "-"
-    return (f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}, "
-            f"numpy {np.__version__}, torch {tv}")
+    try:
+        load = "load average %.1f" % os.getloadavg()[0]
+    except OSError:  # pragma: no cover
+        load = "load average ?"
+    return (f"{cpu}, {os.cpu_count()} cores ({load} at the end of the run), {BENCH_THREADS} BLAS/torch thread(s), "
+            f"Linux {platform.release()}, Python {platform.python_version()}, numpy {np.__version__}, torch {tv}")
 
 
 def today() -> str:

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sequence
 
 from lorasearch.store import Store
 
-from indexer.sources import Failure, WorkItem
+from indexer.sources import Failure, WorkItem, normalise_source
 
 JOB_SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -68,8 +68,8 @@ def _now() -> str:
 
 
 def job_key(sources: Sequence[str]) -> str:
-    """The identity of an indexing command: its sources, in order, without repeats."""
-    unique = list(dict.fromkeys(sources))
+    """The identity of an indexing command: its sources (local paths made absolute), in order, without repeats."""
+    unique = list(dict.fromkeys(normalise_source(s) for s in sources))
     return hashlib.sha256(json.dumps(unique).encode()).hexdigest()
 
 

@@ -17,11 +17,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import multiprocessing as mp
 import os
 import sys
 import time
-from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from lorasearch.delta import LoraDelta
 from lorasearch.embed import Embedding, embed
-from lorasearch.errors import BadInput
+from lorasearch.errors import BadInput, LoraSearchError
 from lorasearch.formats.load import load_lora
 from lorasearch.sketch import DEFAULT_DIM, DEFAULT_K
 from lorasearch.store import Store
@@ -43,6 +43,35 @@ BATCH_BYTES = 512 * 2**20  # results hold every factor of their LoRA: cap what w
 FLUSH_SECONDS = 5.0
 RECORD_EVERY = 1000  # job rows (pending/skipped/failed) buffered before a write
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+LOCK_NAME = "indexer.lock"
+
+
+class IndexerBusy(LoraSearchError):
+    """Another indexing run holds the store (one indexer writes a store at a time)."""
+
+
+@contextlib.contextmanager
+def exclusive(db: str | Path) -> Iterator[None]:
+    """Hold ``DB/indexer.lock`` for the run; the kernel drops it when the process dies, even by kill -9.
+
+    Raises:
+        IndexerBusy: another process holds it.
+    """
+    root = Path(db)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise IndexerBusy(f"{root}: another indexing run (pid {holder}) is writing this store; "
+                              "wait for it to finish") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -214,56 +243,94 @@ def _new_pool(workers: int) -> ProcessPoolExecutor:
 
 
 class _PoolRunner:
-    """Keeps at most ``2 × workers`` items in flight; survives a worker that dies."""
+    """Keeps at most ``2 × workers`` items in flight; survives a worker that dies.
+
+    When a worker dies, the items it may have held are re-run one at a time so
+    only the culprit fails. If no worker ever returned a result and two items
+    in a row kill their worker, the workers cannot start at all (e.g. a script
+    without ``if __name__ == "__main__":``): the rest is read in this process.
+    """
 
     def __init__(self, workers: int, k: int, dim: int, on_result: Callable[[Result], None],
                  fn: Callable[[WorkItem, int, int], Result] = process_item) -> None:
         self.workers, self.k, self.dim, self.on_result, self.fn = workers, k, dim, on_result, fn
-        self.pool = _new_pool(workers)
+        self.pool: ProcessPoolExecutor | None = _new_pool(workers)
         self.inflight: dict[Future[Result], WorkItem] = {}
-        self.suspects: deque[WorkItem] = deque()
+        self.returned = 0
 
     def submit(self, item: WorkItem) -> None:
         while len(self.inflight) >= 2 * self.workers:
             self.collect(block=True)
+        if self.pool is None:
+            self.on_result(self.fn(item, self.k, self.dim))
+            return
         self.inflight[self.pool.submit(self.fn, item, self.k, self.dim)] = item
+
+    def _take(self, fut: Future[Result], item: WorkItem) -> bool:
+        """Hand a finished future's result on; False when its worker died."""
+        try:
+            res = fut.result()
+        except BrokenProcessPool:
+            return False
+        except Exception as exc:  # noqa: BLE001 - e.g. a result that cannot be pickled back
+            res = Result(item, error=f"{item.path}: internal error in a worker {exc.__class__.__name__}: {exc}")
+        self.returned += 1
+        self.on_result(res)
+        return True
 
     def collect(self, block: bool) -> None:
         if not self.inflight:
             return
         done, _ = wait(list(self.inflight), timeout=None if block else 0, return_when=FIRST_COMPLETED)
-        broken: list[WorkItem] = []
-        for fut in done:
-            item = self.inflight.pop(fut)
-            try:
-                self.on_result(fut.result())
-            except BrokenProcessPool:
-                broken.append(item)
+        broken = [item for fut in done if not self._take(fut, item := self.inflight.pop(fut))]
         if broken:
             self._recover(broken)
+
+    def _restart(self) -> None:
+        assert self.pool is not None
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = _new_pool(self.workers)
 
     def _recover(self, broken: list[WorkItem]) -> None:
         """A worker died (segfault, OOM kill): re-run the affected items one at a time to find the culprit."""
         broken += list(self.inflight.values())
         self.inflight.clear()
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        self.pool = _new_pool(self.workers)
+        self._restart()
+        doubtful: list[WorkItem] = []  # died alone before any worker ever answered: the item or the pool?
         for item in broken:
-            fut = self.pool.submit(self.fn, item, self.k, self.dim)
-            try:
-                self.on_result(fut.result())
-            except BrokenProcessPool:
-                self.on_result(Result(item, error=f"{item.path}: the worker process died while reading it "
-                                                  "(crash or out of memory)"))
+            if self.pool is None:
+                self.on_result(self.fn(item, self.k, self.dim))
+            elif self._take(self.pool.submit(self.fn, item, self.k, self.dim), item):
+                self._died(doubtful)
+                doubtful = []
+            elif self.returned == 0 and len(doubtful) >= 1:
+                print("lorasearch index: worker processes fail to start (see the errors above); "
+                      "reading in this process instead", file=sys.stderr, flush=True)
                 self.pool.shutdown(wait=False, cancel_futures=True)
-                self.pool = _new_pool(self.workers)
+                self.pool = None
+                for it in [*doubtful, item]:
+                    self.on_result(self.fn(it, self.k, self.dim))
+                doubtful = []
+            else:
+                if self.returned == 0:
+                    doubtful.append(item)
+                else:
+                    self._died([item])
+                self._restart()
+        self._died(doubtful)
+
+    def _died(self, items: list[WorkItem]) -> None:
+        for item in items:
+            self.on_result(Result(item, error=f"{item.path}: the worker process died while reading it "
+                                              "(crash or out of memory)"))
 
     def drain(self) -> None:
         while self.inflight:
             self.collect(block=True)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _progress_bar(enabled: bool) -> Any:
@@ -304,9 +371,22 @@ def run_index(
         ``{"added", "duplicates", "skipped", "failed": [{"source", "error", "item"?}], "job",
         "resumed", "items", "seconds"}``: counts over the whole job (a resumed job
         counts the items its earlier, interrupted runs finished too).
+
+    Raises:
+        IndexerBusy: another indexing run is writing this store.
+        StoreError: the store cannot be opened or written.
     """
     t0 = time.monotonic()
     sources = list(sources)
+    with exclusive(db):
+        out = _index(sources, db, workers, keep_files, progress, endpoint, batch, cache_dir, search_limit, labels)
+    out["seconds"] = round(time.monotonic() - t0, 3)
+    return out
+
+
+def _index(sources: list[str], db: str | Path, workers: int, keep_files: bool, progress: bool, endpoint: str | None,
+           batch: int, cache_dir: str | Path | None, search_limit: int, labels: list[str] | None) -> dict[str, Any]:
+    """``run_index`` while holding the store's indexer lock."""
     store = Store(db, keep_files=keep_files)
     try:
         jobs = JobTable(store)
@@ -329,7 +409,6 @@ def run_index(
     out.pop("pending", None)
     out["resumed"] = resumed
     out["items"] = out["added"] + out["duplicates"] + out["skipped"] + len(out["failed"])
-    out["seconds"] = round(time.monotonic() - t0, 3)
     return out
 
 

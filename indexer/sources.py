@@ -17,6 +17,7 @@ unreachable hub) becomes a ``Failure``; nothing here raises on bad input.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -26,7 +27,7 @@ from typing import Any, Iterable, Iterator
 from urllib.parse import urlsplit
 
 from lorasearch.formats.load import PEFT_WEIGHTS, find_loras
-from lorasearch.formats.safetensors_file import PICKLE_SUFFIXES
+from lorasearch.formats.safetensors_file import DEFAULT_MAX_FILE_BYTES, PICKLE_SUFFIXES
 
 HF_PREFIX = "hf:"
 HF_SEARCH_PREFIX = "hf-search:"
@@ -97,6 +98,13 @@ def resolve_endpoint(endpoint: str | None = None) -> str:
     return (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
+def normalise_source(spec: str) -> str:
+    """A SOURCE as a job identity: local paths made absolute, hub sources as given."""
+    if spec.startswith((HF_PREFIX, HF_SEARCH_PREFIX)) or not spec.strip():
+        return spec
+    return str(Path(spec).expanduser().absolute())
+
+
 def parse_hf(spec: str) -> tuple[str, str | None]:
     """``hf:owner/name[@revision]`` -> (repo id, revision or None).
 
@@ -146,12 +154,21 @@ def _hidden(path: Path, root: Path) -> bool:
 
 
 def _folder_paths(folder: Path) -> Iterator[Path]:
-    """LoRA paths under a folder: the folder itself when it is a PEFT adapter, then ``find_loras``."""
+    """LoRA paths under a folder: the folder itself when it is a PEFT adapter, then ``find_loras``.
+
+    A PEFT folder's ``adapter_model.safetensors`` is never listed again on its
+    own (``find_loras`` lists it when the folder has no ``adapter_config.json``).
+    """
+    peft_dirs: set[Path] = set()
     if (folder / PEFT_WEIGHTS).is_file():
+        peft_dirs.add(folder)
         yield folder
     for p in find_loras(folder):
-        if not _hidden(p, folder):
-            yield p
+        if _hidden(p, folder) or (p.name == PEFT_WEIGHTS and p.parent in peft_dirs):
+            continue
+        if p.is_dir():
+            peft_dirs.add(p)
+        yield p
 
 
 def expand_local(source: str, path: Path | None = None) -> Iterator[WorkItem | Failure]:
@@ -219,21 +236,58 @@ def _hub_error(spec: str, repo: str, revision: str | None, endpoint: str, exc: E
     return f"{repo}: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
 
 
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """huggingface_hub's own progress bars off (the indexer shows one bar for the run)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_off = are_progress_bars_disabled()
+    disable_progress_bars()  # a plain call works in every huggingface_hub version (newer ones also allow `with`)
+    try:
+        yield
+    finally:
+        if not was_off:
+            enable_progress_bars()
+
+
+def oversized_files(repo: str, revision: str | None, endpoint: str, max_bytes: int) -> dict[str, int]:
+    """``*.safetensors`` files of a repo over ``max_bytes`` (path -> size), from the file listing.
+
+    Raises:
+        RepositoryNotFoundError, RevisionNotFoundError: from ``huggingface_hub``. Other errors
+        (an unreachable hub) give ``{}``: ``snapshot_download`` may still serve the repo from the cache.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        info = HfApi(endpoint=endpoint).model_info(repo, revision=revision, files_metadata=True)
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise
+    except Exception:  # noqa: BLE001 - unreachable hub etc.: snapshot_download may still serve the cache
+        return {}
+    return {s.rfilename: int(s.size) for s in info.siblings or []
+            if s.rfilename.endswith(".safetensors") and s.size is not None and s.size > max_bytes}
+
+
 def download_repo(
-    repo: str, revision: str | None, endpoint: str, cache_dir: str | Path | None = None
+    repo: str, revision: str | None, endpoint: str, cache_dir: str | Path | None = None,
+    ignore: list[str] | None = None,
 ) -> tuple[Path, str]:
     """Fetch a repo's safetensors/json/README at a revision into the hub cache.
+
+    Args:
+        ignore: repo paths not to fetch (e.g. oversized files).
 
     Returns:
         (the snapshot folder, the commit sha it is pinned to).
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import disable_progress_bars
 
-    with disable_progress_bars():
+    with _quiet_hub():
         folder = snapshot_download(
-            repo, revision=revision, allow_patterns=ALLOW_PATTERNS, endpoint=endpoint,
-            cache_dir=str(cache_dir) if cache_dir is not None else None,
+            repo, revision=revision, allow_patterns=ALLOW_PATTERNS, ignore_patterns=ignore or None,
+            endpoint=endpoint, cache_dir=str(cache_dir) if cache_dir is not None else None,
         )
     # In cache mode the snapshot folder is named by the resolved commit, also when served from the cache offline.
     sha = Path(folder).name
@@ -243,7 +297,8 @@ def download_repo(
 
 
 def expand_hf(
-    spec: str, endpoint: str | None = None, cache_dir: str | Path | None = None, source: str | None = None
+    spec: str, endpoint: str | None = None, cache_dir: str | Path | None = None, source: str | None = None,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> Iterator[WorkItem | Failure]:
     """``hf:owner/name[@revision]`` -> one item per LoRA of the repo at the resolved commit.
 
@@ -252,26 +307,32 @@ def expand_hf(
         endpoint: hub URL (default ``HF_ENDPOINT`` or huggingface.co).
         cache_dir: huggingface_hub cache folder (default its own).
         source: the SOURCE string to record (an ``hf-search:`` source expands through here).
+        max_bytes: ``.safetensors`` files larger than this (full checkpoints) are not downloaded.
     """
     source = source or spec
     ep = resolve_endpoint(endpoint)
+    where = spec if source != spec else None
     try:
         repo, revision = parse_hf(spec)
     except ValueError as exc:
         yield Failure(source, str(exc))
         return
     try:
-        folder, sha = download_repo(repo, revision, ep, cache_dir)
+        big = oversized_files(repo, revision, ep, max_bytes)
+        folder, sha = download_repo(repo, revision, ep, cache_dir, sorted(big))
     except Exception as exc:  # noqa: BLE001 - every hub failure becomes a reason, never a crash
-        yield Failure(source, _hub_error(spec, repo, revision, ep, exc), spec if source != spec else None)
+        yield Failure(source, _hub_error(spec, repo, revision, ep, exc), where)
         return
+    for path, size in sorted(big.items()):
+        yield Failure(source, f"{repo}@{sha[:12]}/{path}: {size} bytes, over the {max_bytes}-byte limit for one "
+                              "LoRA file (LORASEARCH_MAX_FILE_BYTES); not downloaded", f"hf:{repo}@{sha}/{path}")
     found = False
     for p in _folder_paths(folder):
         found = True
         rel = weights_file(p).relative_to(folder).as_posix()
         yield _local_item(source, p, repo=repo, revision=sha, path_in_repo=rel)
-    if not found:
-        yield Failure(source, f"{repo}@{sha[:12]}: no .safetensors files in the repository", spec if source != spec else None)
+    if not found and not big:
+        yield Failure(source, f"{repo}@{sha[:12]}: no .safetensors files in the repository", where)
 
 
 def search_hub(filters: list[str], endpoint: str, limit: int = DEFAULT_SEARCH_LIMIT) -> list[str]:
@@ -282,7 +343,8 @@ def search_hub(filters: list[str], endpoint: str, limit: int = DEFAULT_SEARCH_LI
 
 
 def expand_search(
-    spec: str, endpoint: str | None = None, cache_dir: str | Path | None = None, limit: int = DEFAULT_SEARCH_LIMIT
+    spec: str, endpoint: str | None = None, cache_dir: str | Path | None = None, limit: int = DEFAULT_SEARCH_LIMIT,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> Iterator[WorkItem | Failure]:
     """``hf-search:<filter>[,...]`` -> the items of every matching repo (each fetched as ``hf:<id>``)."""
     ep = resolve_endpoint(endpoint)
@@ -304,12 +366,12 @@ def expand_search(
         yield Failure(spec, f"no repositories on {ep} match filter {filters}")
         return
     for rid in repos:
-        yield from expand_hf(HF_PREFIX + rid, ep, cache_dir, source=spec)
+        yield from expand_hf(HF_PREFIX + rid, ep, cache_dir, source=spec, max_bytes=max_bytes)
 
 
 def expand_source(
     spec: str, endpoint: str | None = None, cache_dir: str | Path | None = None,
-    search_limit: int = DEFAULT_SEARCH_LIMIT,
+    search_limit: int = DEFAULT_SEARCH_LIMIT, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> Iterator[WorkItem | Failure]:
     """One SOURCE string -> its work items and failures (never raises on bad input).
 
@@ -318,11 +380,12 @@ def expand_source(
         endpoint: hub URL (default ``HF_ENDPOINT`` or huggingface.co).
         cache_dir: huggingface_hub cache folder.
         search_limit: most repos an ``hf-search:`` source expands to.
+        max_bytes: hub ``.safetensors`` files larger than this are not downloaded (a failure says so).
     """
     if spec.startswith(HF_SEARCH_PREFIX):
-        yield from expand_search(spec, endpoint, cache_dir, search_limit)
+        yield from expand_search(spec, endpoint, cache_dir, search_limit, max_bytes)
     elif spec.startswith(HF_PREFIX):
-        yield from expand_hf(spec, endpoint, cache_dir)
+        yield from expand_hf(spec, endpoint, cache_dir, max_bytes=max_bytes)
     elif not spec.strip():
         yield Failure(spec, "empty source")
     else:
@@ -331,12 +394,12 @@ def expand_source(
 
 def expand_sources(
     specs: Iterable[str], endpoint: str | None = None, cache_dir: str | Path | None = None,
-    search_limit: int = DEFAULT_SEARCH_LIMIT,
+    search_limit: int = DEFAULT_SEARCH_LIMIT, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> Iterator[WorkItem | Failure]:
     """Every source in turn (see ``expand_source``); an item key is yielded once even if two sources reach it."""
     seen: set[tuple[str, str]] = set()
     for spec in specs:
-        for x in expand_source(spec, endpoint, cache_dir, search_limit):
+        for x in expand_source(spec, endpoint, cache_dir, search_limit, max_bytes):
             if isinstance(x, WorkItem):
                 if (x.source, x.key) in seen:
                     continue
@@ -346,5 +409,5 @@ def expand_sources(
 
 __all__ = [
     "ALLOW_PATTERNS", "Failure", "WorkItem", "expand_hf", "expand_local", "expand_search", "expand_source",
-    "expand_sources", "parse_hf", "parse_search", "resolve_endpoint",
+    "expand_sources", "normalise_source", "parse_hf", "parse_search", "resolve_endpoint",
 ]

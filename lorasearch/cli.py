@@ -158,6 +158,104 @@ def compare(
     print(f"coefficient {coef}  (dW_B ~ c * dW_A)")
 
 
+def _open_store(db: Path, create: bool = False, readonly: bool = True, keep_files: bool = True) -> Any:
+    from lorasearch.store import Store, StoreError
+
+    try:
+        return Store(db, create=create, readonly=readonly, keep_files=keep_files)
+    except StoreError as exc:
+        raise BadInput(str(exc), code="no_store") from None
+
+
+@app.command()
+@handles_errors
+def index(
+    sources: list[str] = typer.Argument(
+        ..., help="Files, folders (recursive; PEFT folders recognised), hf:owner/name[@revision], hf-search:<filter>."
+    ),
+    db: Path = typer.Option(..., "--db", help="Store directory (created if missing)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Worker processes that read and embed files."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    no_keep_files: bool = typer.Option(False, "--no-keep-files", help="Do not keep content-addressed copies (queries are then re-ranked from sketches, not exactly)."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hugging Face Hub endpoint (default: $HF_ENDPOINT or the public hub)."),
+    label: list[str] = typer.Option([], "--label", help="Label to attach to every LoRA indexed by this run (repeatable)."),
+) -> None:
+    """Index LoRAs into a store; re-running resumes an interrupted job, and the same content twice is one entry."""
+    from indexer import run_index
+    from indexer.pipeline import IndexerBusy
+    from lorasearch.store import StoreError
+
+    try:
+        summary = run_index(sources, db, workers=workers, keep_files=not no_keep_files, progress=not as_json,
+                            endpoint=endpoint, labels=label or None)
+    except (IndexerBusy, StoreError) as exc:
+        _err(f"error: {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        _emit(summary)
+    else:
+        print(f"added {summary['added']}, duplicates {summary['duplicates']}, failed {len(summary['failed'])} -> {db}")
+        for f in summary["failed"]:
+            print(f"  failed {f.get('item') or f['source']}: {f['error']}")
+
+
+@app.command()
+@handles_errors
+def query(
+    path: Path = typer.Argument(..., help="The query LoRA (file or PEFT folder)."),
+    db: Path = typer.Option(..., "--db", help="Store directory."),
+    k: int = typer.Option(10, "-k", "--k", min=1, max=1000, help="Number of results."),
+    view: str = typer.Option("delta", "--view", help="delta (identity, exact re-rank), style (per-module normalised) or paper (the paper's A/B+PCA baseline)."),
+    groups: list[str] = typer.Option([], "--groups", help="Module groups for the style view: attention, feed_forward, conv, text_encoder (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable JSON."),
+) -> None:
+    """The indexed LoRAs closest to PATH, within its base-model family, best first."""
+    from lorasearch.formats import load_lora
+    from lorasearch.search import query as run_query
+    from lorasearch.sketch import MODULE_GROUPS
+
+    if view not in ("delta", "style", "paper"):
+        raise BadInput(f"--view must be delta, style or paper, not {view!r}", code="bad_parameter")
+    bad = [g for g in groups if g not in MODULE_GROUPS]
+    if bad:
+        raise BadInput(f"unknown module group {bad[0]!r} (choose from {', '.join(MODULE_GROUPS)})", code="bad_parameter")
+    ld = load_lora(path)
+    store = _open_store(db)
+    try:
+        res = run_query(store, ld, view=view, k=k, groups=groups or None)
+    finally:
+        store.close()
+    res.setdefault("query", str(path))
+    if res.get("message"):
+        _err(f"note: {res['message']}")
+    if as_json:
+        _emit(res)
+        return
+    print(f"{path}: family {res['family']}, view {res['view']}, {'exact' if res['exact'] else 'approximate'} scores")
+    for i, r in enumerate(res["results"], 1):
+        print(f"{i:>3}. {r['score']:+.4f}  #{r['id']:<6} {r['name']}  ({r['path']})")
+
+
+@app.command()
+@handles_errors
+def stats(
+    db: Path = typer.Option(..., "--db", help="Store directory."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable JSON."),
+) -> None:
+    """What a store holds: LoRAs per family, views and index types, sources, size on disk."""
+    store = _open_store(db)
+    try:
+        st = store.stats()
+    finally:
+        store.close()
+    if as_json:
+        _emit(st)
+        return
+    print(f"{db}: {st.get('loras')} LoRAs, generation {st.get('generation')}")
+    for fam, n in sorted((st.get("families") or {}).items(), key=lambda kv: -kv[1]):
+        print(f"  {fam:<28} {n}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

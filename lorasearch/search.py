@@ -1,9 +1,10 @@
 """Queries: FAISS candidates, then re-ranking that is exact where it can be.
 
-``delta`` view: candidates from FAISS (over-fetched), re-ranked by the exact
-factor-space Frobenius cosine (``lorasearch.frobenius.compare``) against the
-store's copy of each candidate file; where no copy is kept the full stored
-module sketches give the score instead, and the answer says it is not exact.
+``delta`` view: candidates from FAISS (over-fetched) are scored from their full
+stored module sketches, then the best 2k are re-ranked by the exact factor-space
+Frobenius cosine (``lorasearch.frobenius.compare``) against the store's copy of
+each file; where no copy is kept the sketch score stays and the answer says it
+is not exact.
 ``style`` views: re-ranked from the full module sketches normalised per module
 (never exact). ``paper``: the paper's baseline (``lorasearch.paper``).
 Only the query's own family is searched.
@@ -117,6 +118,35 @@ def _sketch_score(store: Store, q: tuple[list[str], np.ndarray, np.ndarray], lid
     return {"score": cos, "exact": False, "shared_modules": shared}
 
 
+def _sketch_rank(store: Store, qs: tuple[list[str], np.ndarray, np.ndarray], cands: dict[int, float], view: str,
+                 groups: tuple[str, ...] | None) -> list[tuple[float, dict[str, Any]]]:
+    """Candidates scored from their full stored module sketches, best first."""
+    rows = store.get_many(list(cands))
+    scored: list[tuple[float, dict[str, Any]]] = []
+    for lid, cscore in cands.items():
+        row = rows.get(lid)
+        s = None if row is None else _sketch_score(store, qs, lid, view, groups)
+        if row is None or s is None or s["score"] is None:
+            continue  # gone, or nothing comparable (no shared modules)
+        scored.append((float(s["score"]), _result(row, s, cscore)))
+    scored.sort(key=lambda t: (-t[0], t[1]["id"]))
+    return scored
+
+
+def _rescore_exact(store: Store, ld: LoraDelta, scored: list[tuple[float, dict[str, Any]]],
+                   cache: DeltaCache) -> list[tuple[float, dict[str, Any]]]:
+    """Replace sketch scores by exact cosines where the candidate's file copy is kept; re-sort."""
+    out = []
+    for score, r in scored:
+        ex = _exact_score(store, ld, r["id"], r["file_sha256"], cache)
+        if ex is not None and ex["score"] is not None:
+            r = {**r, **ex, "score": float(ex["score"])}
+            score = r["score"]
+        out.append((score, r))
+    out.sort(key=lambda t: (-t[0], t[1]["id"]))
+    return out
+
+
 def _result(row: dict[str, Any], scored: dict[str, Any], candidate_score: float) -> dict[str, Any]:
     out = {
         "id": row["id"], "name": row["name"], "source": row.get("source"), "path": row.get("path"),
@@ -172,31 +202,49 @@ def query(store: Store, ld: LoraDelta, view: str = VIEW_DELTA, k: int = 10, grou
     cands = _candidates(store, family, emb, views, max(k * overfetch, k))
     if not cands:
         return _message(family, label, f"no indexed LoRAs of family {family} in view {label}")
-    rows = store.get_many(list(cands))
-    qs = _sketch_tuple(emb)
-    cache = cache if cache is not None else _CACHE
-    scored: list[tuple[float, dict[str, Any]]] = []
-    for lid, cscore in cands.items():
-        row = rows.get(lid)
-        if row is None:
-            continue
-        s = _exact_score(store, ld, lid, row["file_sha256"], cache) if (view == VIEW_DELTA and exact) else None
-        if s is None:
-            s = _sketch_score(store, qs, lid, VIEW_DELTA if view == VIEW_DELTA else VIEW_STYLE, gs)
-        if s is None or s["score"] is None:
-            continue  # nothing comparable (no shared modules)
-        scored.append((float(s["score"]), _result(row, s, cscore)))
-    scored.sort(key=lambda t: (-t[0], t[1]["id"]))
+    scored = _sketch_rank(store, _sketch_tuple(emb), cands, VIEW_DELTA if view == VIEW_DELTA else VIEW_STYLE, gs)
+    if view == VIEW_DELTA and exact:
+        # exact scores for the best 2k by full-sketch score (sketch error is ~0.02, so the top k
+        # by exact score lies inside them); loading every candidate file would cost far more
+        scored = _rescore_exact(store, ld, scored[: 2 * k], cache if cache is not None else _CACHE)
     results = [r for _, r in scored[:k]]
     return {"family": family, "view": label, "exact": bool(results) and all(r["exact"] for r in results), "results": results}
 
 
+def paper_query(store: Store, ld: LoraDelta, k: int, cache: DeltaCache | None = None) -> list[tuple[int, float]]:
+    """The paper's method over the store: PCA fitted on the indexed LoRAs with the query's factor shapes.
+
+    Loads the stored file copies of the query's family (LRU-cached); LoRAs whose
+    factor shapes differ are not comparable under this method and get no score.
+
+    Returns:
+        (id, cosine in PCA space), best first, at most ``k``.
+    """
+    from lorasearch.paper import paper_rank, paper_signature
+
+    cache = cache if cache is not None else _CACHE
+    sig = paper_signature(ld)
+    ids: list[int] = []
+    corpus: list[LoraDelta] = []
+    offset, page = 0, 1000
+    while True:
+        rows = store.list(family=ld.family, limit=page, offset=offset)
+        for row in rows:
+            path = store.blob_path(row["id"])
+            if path is None:
+                continue
+            cand = cache.get(row["file_sha256"], path)
+            if paper_signature(cand) == sig:
+                ids.append(int(row["id"]))
+                corpus.append(cand)
+        if len(rows) < page:
+            break
+        offset += page
+    return [(ids[i], s) for i, s in paper_rank(ld, corpus)[:k]]
+
+
 def _paper(store: Store, ld: LoraDelta, k: int) -> dict[str, Any]:
-    """The paper's baseline (flattened factors + PCA), delegated to ``lorasearch.paper``."""
-    try:
-        from lorasearch.paper import paper_query
-    except ImportError:
-        return _message(ld.family, VIEW_PAPER, "the paper view is not available (lorasearch.paper missing)")
+    """The paper's baseline (flattened factors + PCA) over the stored file copies."""
     if ld.family not in store.families():
         return _message(ld.family, VIEW_PAPER, f"no indexed LoRAs of family {ld.family}")
     hits = paper_query(store, ld, k)

@@ -57,11 +57,36 @@ def main() -> int:
                 print(f"  {a:>18} vs {b:<34} nothing comparable ({d['family_a']} vs {d['family_b']})")
                 continue
             print(f"  {a:>18} vs {b:<34} cosine {d['cosine']:+.6f}  coefficient {d['coefficient']:+.4f}  ({d['shared_modules']} modules)")
+    sources = [str(SAMPLES)]
     if SHARED.is_dir():
         info_folder(SHARED, OUT / "shared_loras_info.jsonl")
+        sources.append(str(SHARED))
     else:
         print(f"\n({SHARED} not present: skipping the real-world collection)")
-    print(f"\nDone. Outputs in {OUT}/; try: .venv/bin/lorasearch info {SAMPLES / 'tiny_kohya.safetensors'}")
+    db = OUT / "db"
+    res = cli("index", *sources, "--db", str(db), "--json")
+    if res.returncode != 0:
+        print(res.stderr.strip())
+        return res.returncode
+    s = json.loads(res.stdout)
+    print(f"\nindexed into {db}: added {s['added']}, duplicates {s['duplicates']}, skipped (already indexed) "
+          f"{s.get('skipped', 0)}, failed {len(s['failed'])}")
+    queries = [SAMPLES / "tiny_kohya.safetensors"]
+    if SHARED.is_dir():
+        queries.append(SHARED / "timohavdk__sd-lora__new.safetensors")
+    for q in queries:
+        for view in ("delta", "paper"):
+            res = cli("query", str(q), "--db", str(db), "-k", "3", "--view", view, "--json")
+            if res.returncode != 0:
+                print(res.stderr.strip())
+                return res.returncode
+            d = json.loads(res.stdout)
+            (OUT / f"query_{q.stem}_{view}.json").write_text(json.dumps(d, indent=2))
+            print(f"\nquery {q.name} (family {d['family']}, view {view}, {'exact' if d['exact'] else 'approximate'}):")
+            for r in d["results"]:
+                print(f"  {r['score']:+.4f}  {r['name']}")
+    print(f"\nDone. Outputs in {OUT}/ (info JSON lines, query results, the store in {db}).")
+    print(f"Try: .venv/bin/lorasearch query {SAMPLES / 'tiny_loha.safetensors'} --db {db}")
     return 0 if samples else 1
 
 

@@ -8,7 +8,8 @@ repositories built from local files, and implements exactly the requests that
 ``repo_info``, ``list_repo_tree``, ``list_models`` and ``hf_hub_download``:
 
 - ``GET /api/models/{repo}`` and ``GET /api/models/{repo}/revision/{rev}``:
-  model info JSON with ``id``, ``sha``, ``siblings`` (``rfilename``), ``tags``.
+  model info JSON with ``id``, ``sha``, ``siblings`` (``rfilename``; with
+  ``?blobs=true`` also ``size``, ``blobId``, ``lfs``), ``tags``.
 - ``GET /api/models/{repo}/tree/{rev}[/{path}]?recursive=...``: the file listing
   (``type``, ``oid``, ``size``, ``path``, ``lfs`` for ``.safetensors``).
 - ``GET /api/models?filter=...&search=...&author=...&limit=...``: model search,
@@ -164,8 +165,8 @@ class HubDouble:
             self.requests.append((method, path))
 
     # -- answers ---------------------------------------------------------------------------------------------
-    def model_json(self, repo: Repo, sha: str, full: bool = True) -> dict[str, Any]:
-        """The ``/api/models/...`` JSON of a repo at a commit."""
+    def model_json(self, repo: Repo, sha: str, full: bool = True, blobs: bool = False) -> dict[str, Any]:
+        """The ``/api/models/...`` JSON of a repo at a commit (``blobs``: siblings with size, blob id, lfs)."""
         out: dict[str, Any] = {
             "_id": hashlib.md5(repo.repo_id.encode()).hexdigest()[:24],
             "id": repo.repo_id,
@@ -182,7 +183,16 @@ class HubDouble:
             "likes": 0,
         }
         if full:
-            out["siblings"] = [{"rfilename": p} for p in repo.commits[sha]]
+            out["siblings"] = [self._sibling(e, blobs) for e in repo.commits[sha].values()]
+        return out
+
+    @staticmethod
+    def _sibling(e: RepoFileEntry, blobs: bool) -> dict[str, Any]:
+        if not blobs:
+            return {"rfilename": e.path}
+        out: dict[str, Any] = {"rfilename": e.path, "size": e.size, "blobId": e.git_sha1}
+        if e.is_lfs:
+            out["lfs"] = {"sha256": e.sha256, "size": e.size, "pointerSize": 134}
         return out
 
     def tree_json(self, entries: Mapping[str, RepoFileEntry], prefix: str, recursive: bool) -> list[dict[str, Any]]:
@@ -267,13 +277,14 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self.hub.repos.get(repo_id)
         if repo is None:
             return self._error(404, "RepoNotFound", f"Repository not found: {repo_id}")
+        blobs = (params.get("blobs") or ["false"])[0].lower() in ("true", "1")
         if not tail:
-            return self._json(self.hub.model_json(repo, repo.refs["main"]))
+            return self._json(self.hub.model_json(repo, repo.refs["main"], blobs=blobs))
         if tail[0] == "revision" and len(tail) == 2:
             sha = repo.resolve(tail[1])
             if sha is None:
                 return self._error(404, "RevisionNotFound", f"Invalid rev id: {tail[1]}")
-            return self._json(self.hub.model_json(repo, sha))
+            return self._json(self.hub.model_json(repo, sha, blobs=blobs))
         if tail[0] == "tree" and len(tail) >= 2:
             sha = repo.resolve(tail[1])
             if sha is None:

@@ -202,7 +202,7 @@ def test_real_sd15_copies_rank_first(shared_loras: Path) -> None:
     members = [i for i, ld in enumerate(lds) if paper_signature(ld) == sig]
     v = paper_vectors([lds[i] for i in members])
     sims = v @ v.T
-    for row, i in enumerate(members):
+    for row in range(len(members)):
         # some real files hold the same tensors under another name: ties at 1.0 are fine
         assert sims[row, row] >= sims[row].max() - 1e-6
     ranked = paper_rank(lds[members[0]], lds)

@@ -100,6 +100,14 @@ def test_single_sources(tree: Path, rel: str, n_items: int, n_fail: int, reason:
         assert reason in fails[0].error and str(tree / rel) in fails[0].error
 
 
+def test_peft_folder_without_config_is_one_item(tree: Path) -> None:
+    (tree / "sub" / "peft" / "adapter_config.json").unlink()
+    for src in (tree, tree / "sub" / "peft"):
+        items, _ = split(list(expand_source(str(src))))
+        peft = tree / "sub" / "peft"
+        assert [Path(i.path) for i in items if Path(i.path) in (peft, peft / "adapter_model.safetensors")] == [peft]
+
+
 def test_same_item_twice_in_one_source_list_is_listed_once(tree: Path) -> None:
     items, _ = split(list(expand_sources([str(tree), str(tree), str(tree / "a.safetensors")])))
     assert len(items) == 5  # 4 from the folder, once; the file again under its own source
@@ -199,3 +207,11 @@ def test_hf_search_follows_pages(demo_hub: DemoHub, tmp_path: Path) -> None:
         demo_hub.hub.page_size = 1000
     assert sorted({i.repo for i in items}) == ["alice/gpt2-lora", "bob/sd-lora"]
     assert any("cursor=1" in p for _, p in demo_hub.hub.requests)
+
+
+def test_oversized_hub_files_are_not_downloaded(demo_hub: DemoHub, tmp_path: Path) -> None:
+    items, fails = split(list(expand_source("hf:bob/sd-lora", demo_hub.endpoint, tmp_path, max_bytes=700_000)))
+    assert [i.path_in_repo for i in items] == ["nested/peft/adapter_model.safetensors"]  # 596 KB
+    assert len(fails) == 1 and "disney.safetensors: 811534 bytes, over the 700000-byte limit" in fails[0].error
+    snapshot = Path(items[0].path).parents[1]
+    assert (snapshot / "nested").is_dir() and not (snapshot / "disney.safetensors").exists()

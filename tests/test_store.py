@@ -148,6 +148,15 @@ def test_readonly_and_missing(tmp_path: Path) -> None:
     with pytest.raises(StoreError):
         r.delete(1)
     assert r.search("sd15", "delta", r.vectors("delta", [1])[0], 3)[0][0] == 1
+    # a reader facing a stale FAISS file catches up in memory and leaves the file alone
+    f = _faiss_file(tmp_path / "db")
+    stale = f.read_bytes(), f.with_suffix(".json").read_bytes()
+    Store(tmp_path / "db").add(*synth_item(1))
+    f.write_bytes(stale[0])
+    f.with_suffix(".json").write_bytes(stale[1])
+    r2 = Store(tmp_path / "db", readonly=True)
+    assert r2.search("sd15", "delta", r2.vectors("delta", [2])[0], 3)[0][0] == 2
+    assert (f.read_bytes(), f.with_suffix(".json").read_bytes()) == stale
 
 
 def test_sketch_files_are_memory_mapped_and_exact(tmp_path: Path) -> None:
@@ -221,7 +230,7 @@ def test_extra_tables_and_transactions(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- index types
 
 
-SMALL = IndexPolicy(flat_max=40, hnsw_max=160, ef_search=64)
+SMALL = IndexPolicy(flat_max=20, hnsw_max=80, ef_search=64)
 
 
 def _exact_top(x: np.ndarray, q: np.ndarray, ids: np.ndarray, k: int) -> set[int]:
@@ -229,10 +238,10 @@ def _exact_top(x: np.ndarray, q: np.ndarray, ids: np.ndarray, k: int) -> set[int
 
 
 @pytest.mark.parametrize("n, policy, kind, codec, min_recall", [
-    (30, SMALL, "flat", "", 1.0),
-    (120, SMALL, "hnsw", "", 0.95),
-    (500, SMALL, "ivf", "Flat", 0.9),
-    (500, IndexPolicy(flat_max=40, hnsw_max=160, memory_bytes=64 * 1024), "ivf", "PQ4x4", 0.9),
+    (15, SMALL, "flat", "", 1.0),
+    (60, SMALL, "hnsw", "", 0.95),
+    (240, SMALL, "ivf", "Flat", 0.9),
+    (240, IndexPolicy(flat_max=20, hnsw_max=80, memory_bytes=16 * 1024), "ivf", "PQ4x4", 0.9),
 ])
 def test_index_types_and_recall(tmp_path: Path, n: int, policy: IndexPolicy, kind: str, codec: str, min_recall: float) -> None:
     x = clustered(n, 32, seed=n)
@@ -262,30 +271,28 @@ def test_index_types_and_recall(tmp_path: Path, n: int, policy: IndexPolicy, kin
 
 
 def test_type_grows_with_size_and_hnsw_tombstones_trigger_rebuild(tmp_path: Path) -> None:
-    x = clustered(200, 32, seed=1)
+    x = clustered(120, 32, seed=1)
     s = Store(tmp_path, policy=SMALL)
     kinds = []
-    for start in range(0, 200, 20):
-        s.add_many([vec_item(i, x[i]) for i in range(start, start + 20)])
+    for start in range(0, 120, 15):
+        s.add_many([vec_item(i, x[i]) for i in range(start, start + 15)])
         kinds.append(s.index_info("sd15", "delta")["index_type"])
     assert kinds[0] == "flat" and "hnsw" in kinds and kinds[-1] == "ivf"
     s2 = Store(tmp_path / "h", policy=SMALL)
-    s2.add_many([vec_item(i, x[i]) for i in range(100)])
+    s2.add_many([vec_item(i, x[i]) for i in range(60)])
     assert s2.index_info("sd15", "delta")["index_type"] == "hnsw"
-    for i in range(1, 9):  # 8 % deleted: filtered, kept in the graph
+    for i in range(1, 7):  # 10 % deleted: filtered out of searches, kept in the graph
         s2.delete(i)
     info = s2.index_info("sd15", "delta")
-    assert (info["tombstones"], info["count"]) == (8, 100)
-    assert not {i for i, _ in s2.search("sd15", "delta", x[0], 30)} & set(range(1, 9))
-    s2.delete(9)
-    s2.delete(10)
-    s2.delete(11)  # 11 % > 10 %: rebuilt lazily on that commit
+    assert (info["tombstones"], info["count"]) == (6, 60)
+    assert not {i for i, _ in s2.search("sd15", "delta", x[0], 30)} & set(range(1, 7))
+    s2.delete(7)  # 11.7 % > 10 %: rebuilt lazily on that commit
     info = s2.index_info("sd15", "delta")
-    assert (info["tombstones"], info["count"], info["index_type"]) == (0, 89, "hnsw")
+    assert (info["tombstones"], info["count"], info["index_type"]) == (0, 53, "hnsw")
     # a reopened store re-derives tombstones from SQLite
-    s2.delete(12)
+    s2.delete(8)
     again = Store(tmp_path / "h", policy=SMALL).index_info("sd15", "delta")
-    assert (again["tombstones"], again["live"]) == (1, 88)
+    assert (again["tombstones"], again["live"]) == (1, 52)
 
 
 def test_choose_has_hysteresis() -> None:
@@ -347,13 +354,13 @@ def test_verify_repairs(tmp_path: Path, damage: str, expected: str) -> None:
 # --------------------------------------------------------------------------- durability under kill -9
 
 
-N_DURABLE, BATCH = 48, 4
+N_DURABLE, BATCH = 64, 4
 
 
-def _writer(root: str, n: int, batch: int) -> None:
-    """Child process: index synthetic LoRAs 0..n-1 in batches, printing each batch's result."""
+def _writer(root: str, n: int, batch: int, first: int = 0) -> None:
+    """Child process: index synthetic LoRAs first..n-1 in batches, printing each batch's result."""
     store = Store(root)
-    for start in range(0, n, batch):
+    for start in range(first, n, batch):
         res = store.add_many([synth_item(i) for i in range(start, min(start + batch, n))])
         print(json.dumps({"start": start, "res": res}), flush=True)
     store.close()
@@ -410,12 +417,13 @@ def test_kill_minus_9_at_any_moment_then_resume(tmp_path: Path) -> None:
         mark = tmp_path / f"mark{r}"
         mark.mkdir()
         faults = (f"{point}={sleep}" if point else
-                  "faiss_rename=0.01,json_rename=0.01,after_commit=0.01,sketch_rename=0.002")
+                  "faiss_rename=0.03,json_rename=0.03,after_commit=0.03,sketch_rename=0.005")
         proc = _spawn_writer(root, faults, mark if point else None)
-        _kill_at(proc, mark, point, delay=rng.uniform(0.8, 2.0))
+        _kill_at(proc, mark, point, delay=rng.uniform(0.5, 1.5))
         if not (root / "lorasearch.sqlite").exists():
             continue
         ids = _check_consistent(root)
+        print(f"round {r} killed at {point or 'random'}: {len(ids)} committed")
         assert ids[: len(committed_before)] == committed_before, "committed LoRAs survive later crashes"
         committed_before = ids
     assert 0 < len(committed_before) < N_DURABLE, "the kills must land mid-run"
@@ -433,6 +441,20 @@ def test_kill_minus_9_at_any_moment_then_resume(tmp_path: Path) -> None:
     assert all(not new for line in out.splitlines() for _, new in json.loads(line)["res"])
 
 
+def test_two_writers_at_once_stay_consistent(tmp_path: Path) -> None:
+    """Writers serialise on SQLite's write lock and the FAISS file lock; overlapping content is added once."""
+    root = tmp_path / "db"
+    Store(root).close()
+    procs = [subprocess.Popen([sys.executable, str(HERE), "writer", str(root), str(hi), "3", str(lo)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for lo, hi in ((0, 18), (9, 27))]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
+    new = sum(n for out, _ in outs for line in out.splitlines() for _, n in json.loads(line)["res"])
+    assert new == 27
+    s = Store(root)
+    assert len(live_ids(s)) == 27 and set(s.verify().values()) == {"ok"}
+
+
 # --------------------------------------------------------------------------- many readers, one writer
 
 
@@ -448,7 +470,6 @@ def test_reader_in_another_process_sees_commits(tmp_path: Path) -> None:
     root = tmp_path / "db"
     w = Store(root)
     w.add_many([synth_item(i) for i in range(3)])
-    faiss_dir = root / "faiss"
     reader = subprocess.Popen([sys.executable, str(HERE), "reader", str(root)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -461,14 +482,12 @@ def test_reader_in_another_process_sees_commits(tmp_path: Path) -> None:
             return sorted(json.loads(reader.stdout.readline()))
 
         assert ask() == [1, 2, 3]
-        before = {p: p.stat().st_mtime_ns for p in faiss_dir.rglob("*.faiss")}
         w.add_many([synth_item(i) for i in range(3, 6)])
         assert ask() == [1, 2, 3, 4, 5, 6]
         w.delete(2)
         assert ask() == [1, 3, 4, 5, 6]
         w.add(*synth_item(10))
         assert ask() == [1, 3, 4, 5, 6, 7]
-        assert all(p.stat().st_mtime_ns >= t for p, t in before.items())
     finally:
         assert reader.stdin is not None
         reader.stdin.close()
@@ -479,7 +498,7 @@ def test_reader_in_another_process_sees_commits(tmp_path: Path) -> None:
 if __name__ == "__main__":
     role = sys.argv[1]
     if role == "writer":
-        _writer(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        _writer(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]) if len(sys.argv) > 5 else 0)
     elif role == "reader":
         _reader(sys.argv[2])
     else:
