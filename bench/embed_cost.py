@@ -2,23 +2,34 @@
 
 - **read** (the denominator): ``safetensors.safe_open(path, framework="pt")``,
   ``get_tensor(k).clone()`` for every key.
-- **ours**: ``load_lora(path)`` (header validation, decode, family resolution,
-  sha256 + AutoV3) + ``lorasearch.embed.embed(ld)`` (module sketches, exact
-  module norms, the delta/style/group view vectors), with the Gaussian test
-  matrices cached (*warm*: the indexer's steady state, one process embedding
-  many LoRAs of one family) and with the caches cleared before every call
-  (*cold*: the first LoRA of a family in a fresh worker).
-- **paper**: ``load_lora(path)`` + ``paper_raw_vector`` (+ the PCA transform,
-  where a PCA over the file's signature group could be fitted).
+- **embed** ("ours"): everything from the file to the vectors:
+  ``embed(load_lora(path, hashes=False))`` = header validation, one read of
+  the data section, decode to float32 factors, reader + family resolution,
+  module sketches, exact module norms and the delta/style/group view vectors.
+  Timed with the per-process caches warm (*warm*: the Gaussian test matrices,
+  fold buckets and module-name lookups of a worker that has embedded LoRAs of
+  the family before) and with every one of those caches cleared before each
+  call (*cold*: the first LoRA of a family in a fresh worker).
+- **hashing**: sha256 + AutoV3 (the file's identity, not needed for the
+  embedding), reported as its own ratio: hashed from the bytes ``load_lora``
+  has already read (``SafetensorsFile.hashes``), with 1 thread (what
+  ``load_lora`` does by default) and with 2; "embed + hashing" is the
+  indexer's call, ``embed(load_lora(path))``.
+- **paper**: ``load_lora(path, hashes=False)`` + ``paper_raw_vector`` (+ the
+  PCA transform, where a PCA over the file's signature group could be fitted).
 
 Files: the real SD1.5 files in ``../shared/loras`` and a synthetic SDXL-size
 LoRA written by this script (kohya LoCon naming, rank 32, fp16: every linear
 and conv module of the UNet's down/mid/up blocks — attention, feed-forward,
 resnets, samplers — and every attention/MLP linear of both text encoders).
 
+Threads: one BLAS thread and one torch thread (``BENCH_THREADS``); torch is
+loaded in this process (the read baseline needs it), so fp16 -> float32 casts
+use its vectorised cast; the SDXL "numpy casts" row shows the torch-free path.
+
 Every number is a median over ``--repeats`` runs; the stages of one file are
 timed interleaved, so load from other processes hits them alike. Files are in
-the OS page cache (warm) for every stage; nothing drops caches.
+the OS page cache (warm) for every stage except the 'evicted' ones.
 
 Run: ``python bench/embed_cost.py [--repeats 5] [--profile] [--write]``.
 """
@@ -42,13 +53,12 @@ import numpy as np
 
 from common import command_line, machine, md_table, median, set_torch_threads, shared_files, timed, timed_cpu, today, write_section
 
-from lorasearch import sketch
+from lorasearch import families, sketch
 from lorasearch.delta import LoraDelta
 from lorasearch.embed import embed, view_vectors
 from lorasearch.families import load_table
-from lorasearch.formats import load_lora
-from lorasearch.formats.safetensors_file import SafetensorsFile
-from lorasearch.hashes import file_hashes
+from lorasearch.formats import base, diffusers, load_lora, peft, safetensors_file
+from lorasearch.formats.safetensors_file import HASH_THREADS, SafetensorsFile
 from lorasearch.paper import PaperModel, paper_raw_vector, paper_signature
 
 TARGET_SD15 = 2.0
@@ -68,9 +78,23 @@ def read_tensors(path: Path) -> int:
     return n
 
 
+# Every per-process cache on the embed path: a fresh worker has none of them.
+_CACHED = (
+    families._lookup_all, families._variant_list, families._fits,
+    diffusers.normalise_key, diffusers.is_diffusers_key, peft.strip_adapter_name, base._suffix_buckets,
+    sketch._in_groups,
+)
+
+
+def clear_name_caches() -> None:
+    """The module-name caches only (a naming layout the worker has not seen yet)."""
+    for fn in _CACHED:
+        fn.cache_clear()
+
+
 def clear_caches() -> None:
-    sketch.gaussian.cache_clear()
-    sketch._buckets.cache_clear()
+    sketch.clear_caches()
+    clear_name_caches()
 
 
 # -- synthetic SDXL ------------------------------------------------------------------------------
@@ -114,9 +138,35 @@ def write_sdxl(folder: Path, rank: int = 32, seed: int = 0) -> Path:
 
 # -- timing --------------------------------------------------------------------------------------
 
-def header_len(path: Path) -> int:
+def embed_file(path: Path) -> None:
+    """What is timed as 'embed': file -> vectors, no hashes."""
+    embed(load_lora(path, hashes=False))
+
+
+def hash_seconds(path: Path, threads: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of sha256 + AutoV3 over the bytes load_lora has already read."""
     with SafetensorsFile(path) as st:
-        return st.header_len
+        st._data_section()  # the read load_lora does anyway, not timed here
+        return timed_cpu(lambda: st.hashes(threads))
+
+
+def decode_all(path: Path) -> None:
+    """Bytes -> float32 for every tensor, nothing else (the decode floor)."""
+    with SafetensorsFile(path) as st:
+        for k in st.keys():
+            st.get(k)
+
+
+def numpy_casts(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run as in a process without torch (the widening falls back to numpy)."""
+    def run() -> Any:
+        saved = safetensors_file._torch
+        safetensors_file._torch = lambda: None
+        try:
+            return fn()
+        finally:
+            safetensors_file._torch = saved
+    return run
 
 
 def evict(path: Path) -> None:
@@ -128,20 +178,30 @@ def evict(path: Path) -> None:
         os.close(fd)
 
 
-def stage_fns(path: Path, paper_model: PaperModel | None) -> dict[str, Callable[[], Any]]:
-    """The timed stages of one file (each self-contained)."""
-    ld_cache: dict[str, LoraDelta] = {"ld": load_lora(path)}
-    hl = header_len(path)
+class SelfTimed:
+    """A stage that measures itself (returns (wall, CPU) seconds of its own timed part)."""
 
-    def ours_warm() -> None:
-        embed(load_lora(path))
+    def __init__(self, fn: Callable[[], tuple[float, float]]) -> None:
+        self.fn = fn
+
+    def __call__(self) -> tuple[float, float]:
+        return self.fn()
+
+
+def stage_fns(path: Path, paper_model: PaperModel | None, sdxl: bool = False) -> dict[str, Callable[[], Any]]:
+    """The timed stages of one file (each self-contained)."""
+    ld_cache: dict[str, LoraDelta] = {"ld": load_lora(path, hashes=False)}
 
     def ours_cold() -> None:
         clear_caches()
-        embed(load_lora(path))
+        embed_file(path)
+
+    def ours_new_names() -> None:
+        clear_name_caches()
+        embed_file(path)
 
     def paper() -> None:
-        v = paper_raw_vector(load_lora(path))
+        v = paper_raw_vector(load_lora(path, hashes=False))
         if paper_model is not None:
             paper_model.transform(v)
 
@@ -152,36 +212,43 @@ def stage_fns(path: Path, paper_model: PaperModel | None) -> dict[str, Callable[
         view_vectors(sk, {n: nm.get(n, 0.0) for n in sk}, sketch.DEFAULT_DIM)
 
     # ours_cold comes before the warm stages: it clears the caches, then its own embed refills them
-    return {
+    fns: dict[str, Callable[[], Any]] = {
         "read": lambda: read_tensors(path),
-        "load_lora": lambda: load_lora(path),
-        "hashes": lambda: file_hashes(path, hl),
         "ours_cold": ours_cold,
+        "ours_new_names": ours_new_names,
+        "load": lambda: load_lora(path, hashes=False),
+        "decode": lambda: decode_all(path),
         "sketch_lora": lambda: sketch.sketch_lora(ld_cache["ld"]),
         "module_norms": lambda: sketch.module_norms(ld_cache["ld"]),
         "sketch+norms+views": views,
-        "ours_warm": ours_warm,
+        "ours_warm": lambda: embed_file(path),
+        "ours_hashed": lambda: embed(load_lora(path)),
+        "hashes": SelfTimed(lambda: hash_seconds(path, 1)),
+        "hashes_2t": SelfTimed(lambda: hash_seconds(path, 2)),
         "paper": paper,
         # the same file read from disk, not from the page cache (indicative: the VM's disk is cached by its host)
         "read_evicted": lambda: (evict(path), read_tensors(path)),
-        "ours_warm_evicted": lambda: (evict(path), ours_warm()),
+        "ours_warm_evicted": lambda: (evict(path), embed_file(path)),
     }
+    if sdxl:
+        fns["ours_numpy"] = numpy_casts(lambda: embed_file(path))
+    return fns
 
 
-def time_file(path: Path, repeats: int, paper_model: PaperModel | None) -> dict[str, dict[str, float]]:
+def time_file(path: Path, repeats: int, paper_model: PaperModel | None, sdxl: bool = False) -> dict[str, dict[str, float]]:
     """Median wall and CPU seconds of every stage of one file, stages interleaved within each repeat.
 
     Returns:
         {"wall": {stage: s}, "cpu": {stage: s}}.
     """
-    fns = stage_fns(path, paper_model)
-    for fn in fns.values():  # warm-up: page cache, Gaussian caches, imports
+    fns = stage_fns(path, paper_model, sdxl)
+    for fn in fns.values():  # warm-up: page cache, caches, imports, the allocator's huge pages
         fn()
     wall: dict[str, list[float]] = defaultdict(list)
     cpu: dict[str, list[float]] = defaultdict(list)
     for _ in range(repeats):
         for name, fn in fns.items():
-            w, c = timed_cpu(fn)
+            w, c = fn() if isinstance(fn, SelfTimed) else timed_cpu(fn)
             wall[name].append(w)
             cpu[name].append(c)
     read_tensors(path)  # leave the file cached
@@ -197,13 +264,13 @@ def paper_models(lds: list[LoraDelta]) -> dict[str, PaperModel]:
 
 
 def profile(path: Path, cold: bool, top: int = 18) -> str:
-    """cProfile of load_lora + embed on one file (internal time)."""
-    embed(load_lora(path))
+    """cProfile of the embed (load_lora without hashes + embed) of one file (internal time)."""
+    embed_file(path)
     pr = cProfile.Profile()
     if cold:
         clear_caches()
     pr.enable()
-    embed(load_lora(path))
+    embed_file(path)
     pr.disable()
     buf = io.StringIO()
     pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
@@ -214,34 +281,44 @@ def _met(x: float, target: float) -> str:
     return "yes" if x <= target else "**no**"
 
 
-def ratio_rows(label: str, t: dict[str, dict[str, float]], target: float) -> list[list[Any]]:
+def ratio_rows(label: str, t: dict[str, dict[str, float]], target: float, sdxl: bool = False) -> list[list[Any]]:
     """Ratios by wall time and by CPU time."""
-    rows = []
-    for num, den, name, tgt in [
-        ("ours_warm", "read", "ours (warm cache) ÷ read", target),
-        ("ours_cold", "read", "ours (cold cache) ÷ read", target),
-        ("ours_warm_evicted", "read_evicted", "ours (warm) ÷ read, file evicted from page cache", target),
+    specs: list[tuple[str | tuple[str, ...], str, str, float | None]] = [
+        ("ours_warm", "read", "**embed** (warm caches) ÷ read", target),
+        ("ours_cold", "read", "embed (cold caches) ÷ read", None),
+        ("ours_new_names", "read", "embed, module-name caches cold (Gaussians warm) ÷ read", None),
+        ("ours_warm_evicted", "read_evicted", "embed (warm) ÷ read, file evicted from page cache", None),
+        ("hashes", "read", f"hashing, sha256 + AutoV3 ({HASH_THREADS} thread) ÷ read", None),
+        ("hashes_2t", "read", "hashing, 2 threads ÷ read", None),
+        ("ours_hashed", "read", "embed + hashing (`embed(load_lora(path))`) ÷ read", None),
         ("paper", "read", "paper ÷ read", None),
-        ("ours_warm", "paper", "ours (warm) ÷ paper", None),
-        ("load_lora", "read", "load_lora alone ÷ read", None),
-    ]:
-        w = t["wall"][num] / t["wall"][den]
-        c = t["cpu"][num] / t["cpu"][den]
+        ("ours_warm", "paper", "embed (warm) ÷ paper", None),
+        ("load", "read", "load_lora alone (no hashes) ÷ read", None),
+    ]
+    if sdxl:
+        specs.insert(3, ("ours_numpy", "read", "embed (warm), numpy casts (no torch in the process) ÷ read", None))
+        specs.append(("decode", "read", "decode floor: bytes -> float32 of every tensor ÷ read", None))
+        specs.append((("decode", "sketch_lora", "module_norms"), "read", "floor: decode + sketch + norm BLAS ÷ read", None))
+    rows = []
+    for num, den, name, tgt in specs:
+        nums = (num,) if isinstance(num, str) else num
+        w = sum(t["wall"][n] for n in nums) / t["wall"][den]
+        c = sum(t["cpu"][n] for n in nums) / t["cpu"][den]
         rows.append([label, name, f"{w:.2f}", f"{c:.2f}", f"≤ {tgt}" if tgt else "", _met(w, tgt) if tgt else ""])
     return rows
 
 
 def split_row(label: str, t: dict[str, float]) -> list[Any]:
     ms = {k: v * 1e3 for k, v in t.items()}
-    return [label, f"{ms['read']:.1f}", f"{ms['load_lora']:.1f}", f"{ms['hashes']:.1f}",
-            f"{ms['load_lora'] - ms['hashes']:.1f}", f"{ms['sketch_lora']:.1f}", f"{ms['module_norms']:.1f}",
+    return [label, f"{ms['read']:.1f}", f"{ms['load']:.1f}", f"{ms['sketch_lora']:.1f}", f"{ms['module_norms']:.1f}",
             f"{ms['sketch+norms+views'] - ms['sketch_lora'] - ms['module_norms']:.1f}",
-            f"{ms['ours_warm']:.1f}", f"{ms['ours_cold']:.1f}", f"{ms['paper']:.1f}",
-            f"{ms['read_evicted']:.1f}", f"{ms['ours_warm_evicted']:.1f}"]
+            f"{ms['ours_warm']:.1f}", f"{ms['ours_cold']:.1f}", f"{ms['hashes']:.1f}", f"{ms['hashes_2t']:.1f}",
+            f"{ms['paper']:.1f}", f"{ms['read_evicted']:.1f}", f"{ms['ours_warm_evicted']:.1f}"]
 
 
-SPLIT_HEADERS = ["file", "read", "load_lora", "↳ sha256+AutoV3", "↳ decode+resolve", "sketch_lora (warm)",
-                 "module_norms", "fold 6 views", "ours warm", "ours cold", "paper", "read (evicted)", "ours (evicted)"]
+SPLIT_HEADERS = ["file", "read", "load_lora (no hashes)", "sketch_lora (warm)", "module_norms", "fold 6 views",
+                 "embed warm", "embed cold", "hashing 1 thread", "hashing 2 threads", "paper", "read (evicted)",
+                 "embed (evicted)"]
 
 
 def main() -> None:
@@ -264,7 +341,7 @@ def main() -> None:
     rows = ratio_rows(f"SD1.5 ({len(files)} real files, summed)", tot, TARGET_SD15)
     splits = [split_row(f"SD1.5, sum of {len(files)} files", tot["wall"]),
               split_row("SD1.5, median file", {k: median(t["wall"][k] for t in per_file) for k in tot["wall"]})]
-    info = [f"SD1.5 per-file ours (warm) ÷ read, wall: median {np.median(file_ratios):.2f}, "
+    info = [f"SD1.5 per-file embed (warm) ÷ read, wall: median {np.median(file_ratios):.2f}, "
             f"min {file_ratios.min():.2f}, max {file_ratios.max():.2f}; "
             f"{len(models)} paper signature group(s) with a fitted PCA."]
     profiles = []
@@ -275,7 +352,7 @@ def main() -> None:
             fd = os.open(sdxl, os.O_RDONLY)
             os.fsync(fd)  # clean pages, so that evict() can drop them
             os.close(fd)
-            ld = load_lora(sdxl)
+            ld = load_lora(sdxl, hashes=False)
             params = sum(d.rank * sum(d.matrix_shape) for d in ld.weight_modules().values())
             cache = sum(sketch.DEFAULT_K * sum(d.matrix_shape) * 4 for d in ld.weight_modules().values())
             info.append(
@@ -285,12 +362,12 @@ def main() -> None:
                 f"vectors needs a 128 × {params / 1e6:.0f} M matrix ({128 * params * 4 / 2**30:.0f} GiB in float32). "
                 f"The warm Gaussian cache for these modules holds {cache / 2**20:.0f} MiB (k = {sketch.DEFAULT_K}).")
             del ld
-            t = time_file(sdxl, args.sdxl_repeats, None)
-            rows += ratio_rows("SDXL-size (synthetic)", t, TARGET_SDXL)
+            t = time_file(sdxl, args.sdxl_repeats, None, sdxl=True)
+            rows += ratio_rows("SDXL-size (synthetic)", t, TARGET_SDXL, sdxl=True)
             splits.append(split_row("SDXL-size", t["wall"]))
             if args.profile:
                 for cold in (False, True):
-                    profiles.append(f"cProfile, SDXL load_lora + embed, {'cold' if cold else 'warm'} cache:\n\n"
+                    profiles.append(f"cProfile, SDXL embed, {'cold' if cold else 'warm'} caches:\n\n"
                                     + profile(sdxl, cold))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -299,10 +376,15 @@ def main() -> None:
         "## Embedding cost (`bench/embed_cost.py`)",
         f"Command: `{command_line()}`  \nMachine: {machine()}  \nDate: {today()}",
         f"k = {sketch.DEFAULT_K}, D = {sketch.DEFAULT_DIM}. Medians over {args.repeats} repeats (SDXL: "
-        f"{args.sdxl_repeats}), stages interleaved. Files in the OS page cache unless 'evicted'. *warm* = Gaussian "
-        "test matrices cached (a worker's steady state), *cold* = caches cleared before every call. "
-        "'ours' = `load_lora` + `embed` (sketches, exact norms, 6 view vectors); 'paper' = `load_lora` + "
-        "flattened factors + PCA transform; 'read' = safetensors `get_tensor().clone()` of every tensor.",
+        f"{args.sdxl_repeats}), stages interleaved. Files in the OS page cache unless 'evicted'. "
+        "**embed** = everything from file to vectors: `embed(load_lora(path, hashes=False))` (header checks, one "
+        "read, decode to float32, reader + family resolution, sketches, exact norms, 6 view vectors). *warm* = the "
+        "per-process caches filled (Gaussian test matrices, fold buckets, module-name lookups: a worker's steady "
+        "state), *cold* = all of them cleared before every call. Hashing (sha256 + AutoV3, the file's identity) is "
+        "timed on its own over the bytes already read. 'paper' = `load_lora` + flattened factors + PCA transform; "
+        "'read' = safetensors `get_tensor().clone()` of every tensor. Threads: "
+        f"{common.BENCH_THREADS} BLAS, {common.BENCH_THREADS} torch, {HASH_THREADS} hashing unless a row says 2; "
+        "torch is loaded here (for the read), so fp16 casts use its vectorised cast.",
         md_table(["files", "ratio", "wall", "CPU", "target", "met (wall)"], rows),
         *info,
         "Where the time goes (wall ms):",

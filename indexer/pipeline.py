@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from lorasearch.collection_map import update_maps
 from lorasearch.delta import LoraDelta
 from lorasearch.embed import Embedding, embed
 from lorasearch.errors import BadInput, LoraSearchError
@@ -389,6 +390,7 @@ def _index(sources: list[str], db: str | Path, workers: int, keep_files: bool, p
     """``run_index`` while holding the store's indexer lock."""
     store = Store(db, keep_files=keep_files)
     try:
+        gen0 = store.generation()
         jobs = JobTable(store)
         job_id, resumed = jobs.open(sources)
         k, dim = store.k or DEFAULT_K, store.dim or DEFAULT_DIM
@@ -404,6 +406,8 @@ def _index(sources: list[str], db: str | Path, workers: int, keep_files: bool, p
                 bar.close()
         jobs.finish(job_id)
         out = jobs.summary(job_id)
+        if store.generation() != gen0 or resumed:  # the web page's maps follow the index; never raises
+            update_maps(store)
     finally:
         store.close()
     out.pop("pending", None)

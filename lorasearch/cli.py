@@ -256,6 +256,24 @@ def stats(
         print(f"  {fam:<28} {n}")
 
 
+@app.command()
+@handles_errors
+def serve(
+    db: Path = typer.Option(..., "--db", help="Store directory (an empty store is created when there is none)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="Port to listen on."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Server processes."),
+    max_upload_mb: float = typer.Option(512, "--max-upload-mb", min=0.001, help="Cap for one uploaded LoRA file, in MiB."),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding the bearer token that enables POST/DELETE /v1/loras."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (warning hides the access log)."),
+) -> None:
+    """Run the HTTP API and web page (FastAPI under uvicorn) over a store."""
+    from api.app import serve as run_server
+
+    run_server(db, host=host, port=port, workers=workers, max_upload_mb=max_upload_mb, token_file=token_file,
+               log_level=log_level)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

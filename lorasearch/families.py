@@ -265,6 +265,17 @@ def _variants(path: str, flat: bool) -> Iterator[str]:
         yield f"text_model{sep}{path}"
 
 
+# Module names repeat from file to file (every SD1.5 LoRA of one trainer has
+# the same ones), so name lookups are memoised per process; bounded, as an
+# indexer worker sees many families.
+_NAME_CACHE = 1 << 16
+
+
+@lru_cache(maxsize=_NAME_CACHE)
+def _variant_list(path: str, flat: bool) -> tuple[str, ...]:
+    return tuple(_variants(path, flat))
+
+
 def _components_for(idx: _Index, tag: str | None, path: str, flat: bool) -> list[tuple[str, str]]:
     """(canonical component, path) pairs to look a module up under."""
     if tag is not None:
@@ -276,14 +287,27 @@ def _components_for(idx: _Index, tag: str | None, path: str, flat: bool) -> list
     return pairs + [(comp, path) for comp in idx.components]
 
 
-def _lookup(idx: _Index, rm: RawModule) -> _Entry | None:
-    for comp, path in _components_for(idx, rm.component, rm.path, rm.flat):
-        table = (idx.flat if rm.flat else idx.dotted).get(comp, {})
-        for p in _variants(path, rm.flat):
-            entry = table.get(p)
+def _lookup_name(idx: _Index, tag: str | None, path: str, flat: bool) -> _Entry | None:
+    tables = idx.flat if flat else idx.dotted
+    for comp, p in _components_for(idx, tag, path, flat):
+        table = tables.get(comp)
+        if not table:
+            continue
+        for v in _variant_list(p, flat):
+            entry = table.get(v)
             if entry is not None:
                 return entry
     return None
+
+
+def _lookup(idx: _Index, rm: RawModule) -> _Entry | None:
+    return _lookup_name(idx, rm.component, rm.path, rm.flat)
+
+
+@lru_cache(maxsize=_NAME_CACHE)
+def _lookup_all(tag: str | None, path: str, flat: bool) -> tuple[_Entry | None, ...]:
+    """What one module name resolves to in every family, in ``_known()`` order."""
+    return tuple(_lookup_name(_index(f), tag, path, flat) for f in _known())
 
 
 # ---------------------------------------------------------------------------
@@ -295,18 +319,26 @@ def _as_matrix(shape: Shape) -> Shape:
     return (shape[0], math.prod(shape[1:])) if len(shape) > 2 else tuple(shape)
 
 
+def _module_shape(rm: RawModule) -> Shape:
+    return tuple(int(x) for x in rm.delta.matrix_shape)
+
+
 def _shape_ok(rm: RawModule, entry: _Entry) -> bool:
     """Whether the module's update fits the table's weight (unknown shapes pass)."""
-    ms = tuple(int(x) for x in rm.delta.matrix_shape)
+    return _fits(_module_shape(rm), rm.is_bias, entry.shape, entry.kind)
+
+
+@lru_cache(maxsize=_NAME_CACHE)
+def _fits(ms: Shape, is_bias: bool, ts: Shape, kind: str) -> bool:
+    """``_shape_ok`` on the update's matrix shape and the table's weight shape and kind."""
     if not ms or 0 in ms:
         return True
-    ts = entry.shape
-    if rm.is_bias:
+    if is_bias:
         return ms[0] == ts[0] and math.prod(ms) == ts[0]
-    if entry.kind == "norm":
+    if kind == "norm":
         return math.prod(ms) == math.prod(ts) and ms[0] == ts[0]
     m2, t2 = _as_matrix(ms), _as_matrix(ts)
-    if entry.kind == "embedding":
+    if kind == "embedding":
         return m2 in (t2, t2[::-1])
     if len(m2) == 1:  # a per-row or per-column vector ((IA)^3-style)
         return m2[0] in (t2[0], math.prod(t2[1:]))
@@ -434,8 +466,19 @@ class _Score:
 def _score(family: str, modules: list[RawModule]) -> _Score:
     idx = _index(family)
     entries = [_lookup(idx, rm) for rm in modules]
-    ok = [e is not None and _shape_ok(rm, e) for rm, e in zip(modules, entries)]
+    return _score_entries(family, modules, entries, [_module_shape(rm) for rm in modules])
+
+
+def _score_entries(family: str, modules: list[RawModule], entries: list[_Entry | None], shapes: list[Shape]) -> _Score:
+    ok = [e is not None and _fits(ms, rm.is_bias, e.shape, e.kind) for rm, e, ms in zip(modules, entries, shapes)]
     return _Score(family, entries, ok, sum(e is not None for e in entries), sum(ok))
+
+
+def _score_all(modules: list[RawModule]) -> list[_Score]:
+    """Every family's score, in ``_known()`` order (names looked up once for all families)."""
+    found = [_lookup_all(rm.component, rm.path, rm.flat) for rm in modules]
+    shapes = [_module_shape(rm) for rm in modules]
+    return [_score_entries(f, modules, [e[i] for e in found], shapes) for i, f in enumerate(_known())]
 
 
 def _acceptable(s: _Score, n: int) -> bool:
@@ -534,7 +577,7 @@ def resolve(parsed: ParsedLora, header_metadata: dict[str, str] | None = None,
     modules = list(parsed.modules)
     values = _metadata_hints(header_metadata, peft_config)
     meta_hints = [h for h in (hinted_family(v) for v in values.values()) if h is not None]
-    scores = [_score(f, modules) for f in _known()] if modules else []
+    scores = _score_all(modules) if modules else []
     good = [s for s in scores if _acceptable(s, len(modules))]
     ranked = sorted(scores, key=lambda s: (-s.shapes, -s.names))
     candidates = [{"family": s.family, "names": s.names, "shapes": s.shapes} for s in ranked[:3] if s.names]

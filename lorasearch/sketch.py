@@ -23,6 +23,8 @@ import numpy as np
 from lorasearch.delta import Dense, Delta, Factored, Kronecker, LoraDelta, NeedsBase, side_matrix
 from lorasearch.frobenius import sq_norm
 
+Shape = tuple[int, ...]
+
 SKETCH_VERSION = 1
 DEFAULT_K = 8
 DEFAULT_DIM = 1024
@@ -105,23 +107,68 @@ def sketch_shape(d: Delta) -> tuple[int, int]:
     return (int(ms[0]), int(ms[1]) if len(ms) == 2 else 1)
 
 
+# Factors up to this many elements are stacked with others of the same shape and
+# multiplied in one batched call: a small module's time is Python and call
+# overhead, not arithmetic (an SD1.5 LoRA is ~130 modules of a few k elements).
+# Bigger factors are not copied into a stack. The batched products run the same
+# BLAS call per module (``np.matmul`` loops over the batch; ``A.T @ A`` is syrk
+# either way), so both paths give the same bits.
+_BATCH_MAX = 1 << 14
+
+
+def _batchable(d: Delta) -> bool:
+    if not isinstance(d, Factored):
+        return False
+    u, v = d.up, d.down
+    return (u.size <= _BATCH_MAX and v.size <= _BATCH_MAX and u.flags.c_contiguous and v.flags.c_contiguous
+            and u.flags.aligned and v.flags.aligned)
+
+
+def _by_shape(modules: Mapping[str, Delta]) -> tuple[dict[str, Delta], dict[tuple[Shape, Shape], list[str]]]:
+    """Additive modules split into those handled one by one and batches of equal factor shapes."""
+    single: dict[str, Delta] = {}
+    batches: dict[tuple[Shape, Shape], list[str]] = {}
+    for name, d in modules.items():
+        if isinstance(d, NeedsBase):
+            continue
+        if _batchable(d):
+            batches.setdefault((d.up.shape, d.down.shape), []).append(name)  # type: ignore[union-attr]
+        else:
+            single[name] = d
+    return single, batches
+
+
 def sketch_lora(ld: LoraDelta, k: int = DEFAULT_K) -> dict[str, np.ndarray]:
     """Sketch every additive module of a LoraDelta.
 
     Modules that need the base weights are skipped (they have no ΔW alone).
 
     Returns:
-        canonical module name -> k×k float32 sketch.
+        canonical module name -> k×k float32 sketch, in module order.
     """
+    single, batches = _by_shape(ld.modules)
     out: dict[str, np.ndarray] = {}
-    for name, d in ld.modules.items():
-        if isinstance(d, NeedsBase):
-            continue
+    for name, d in single.items():
         p, q = sketch_shape(d)
-        L = gaussian(ld.family, name, (p, q), "L", p, k)
-        R = gaussian(ld.family, name, (p, q), "R", q, k)
-        out[name] = module_sketch(d, L, R)
-    return out
+        out[name] = module_sketch(d, gaussian(ld.family, name, (p, q), "L", p, k),
+                                  gaussian(ld.family, name, (p, q), "R", q, k))
+    for (us, vs), names in batches.items():
+        fs: list[Factored] = [ld.modules[n] for n in names]  # type: ignore[misc]
+        L, R = _stacked_gaussians(ld.family, tuple(names), us[0], vs[1], k)
+        z = np.matmul(L, np.stack([f.up for f in fs])) @ np.matmul(np.stack([f.down for f in fs]), R.transpose(0, 2, 1))
+        z = (z * np.array([f.scale for f in fs], dtype=np.float32)[:, None, None]).astype(np.float32)
+        out.update(zip(names, z))
+    return {n: out[n] for n in ld.modules if n in out}
+
+
+@lru_cache(maxsize=64)  # one entry per batch shape of a family's usual module set (small modules only)
+def _stacked_gaussians(family: str, names: tuple[str, ...], p: int, q: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The L (M, k, p) and R (M, k, q) test matrices of equally shaped modules, stacked (read-only)."""
+    L = np.stack([gaussian(family, n, (p, q), "L", p, k) for n in names])
+    R = np.stack([gaussian(family, n, (p, q), "R", q, k) for n in names])
+    L.setflags(write=False)
+    R.setflags(write=False)
+    return L, R
 
 
 def _sq_norm(d: Delta) -> float:
@@ -139,14 +186,32 @@ def _sq_norm(d: Delta) -> float:
 
 
 def module_norms(ld: LoraDelta) -> dict[str, float]:
-    """Exact Frobenius norm of every additive module (from factors)."""
-    return {n: float(np.sqrt(max(_sq_norm(d), 0.0))) for n, d in ld.modules.items() if not isinstance(d, NeedsBase)}
+    """Exact Frobenius norm of every additive module (from factors), in module order."""
+    single, batches = _by_shape(ld.modules)
+    sq: dict[str, float] = {n: _sq_norm(d) for n, d in single.items()}
+    for names in batches.values():
+        fs: list[Factored] = [ld.modules[n] for n in names]  # type: ignore[misc]
+        u = np.stack([f.up for f in fs])
+        v = np.stack([f.down for f in fs])
+        uu = np.matmul(u.transpose(0, 2, 1), u)
+        vv = np.matmul(v, v.transpose(0, 2, 1))
+        # each row summed on its own, like np.sum over one module's r×r products
+        tr = np.sum((uu.astype(np.float64) * vv).reshape(len(fs), -1), axis=1)
+        sq.update((n, f.scale * f.scale * float(t)) for n, f, t in zip(names, fs, tr))
+    return {n: float(np.sqrt(max(sq[n], 0.0))) for n in ld.modules if n in sq}
 
 
 def in_group(name: str, groups: Iterable[str] | None) -> bool:
     """Whether a canonical module name belongs to any of the named module groups (None: all)."""
     if groups is None:
         return True
+    if not isinstance(groups, tuple):
+        groups = tuple(groups)
+    return _in_groups(name, groups)
+
+
+@lru_cache(maxsize=1 << 16)  # called per module and view; names repeat across files
+def _in_groups(name: str, groups: tuple[str, ...]) -> bool:
     return any(MODULE_GROUPS[g].search(name) for g in groups)
 
 
@@ -173,6 +238,41 @@ def fold(sketches: Mapping[str, np.ndarray], dim: int = DEFAULT_DIM, weights: Ma
     Returns:
         float32 vector of length ``dim`` (not normalised).
     """
+    return fold_many(sketches, [weights], dim, s)[0]
+
+
+def _signed(sketches: Mapping[str, np.ndarray], dim: int, s: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every sketch entry times its bucket signs (M, k², s) float64, and the slotted buckets; None for mixed sizes."""
+    zs = list(sketches.values())
+    shape = zs[0].shape if zs else None
+    if not zs or len(shape) != 2 or shape[0] != shape[1] or any(z.shape != shape for z in zs):
+        return None
+    idx, sign = _stacked_buckets(tuple(sketches), shape[0], dim, s)
+    return np.stack(zs).reshape(len(zs), -1, 1).astype(np.float64) * sign, idx
+
+
+def _fold_signed(signed: np.ndarray, idx: np.ndarray, w: np.ndarray, dim: int) -> np.ndarray:
+    """One weighting of ``_signed``'s products, folded.
+
+    Bit for bit what ``_fold_loop`` computes: the same float64 products
+    ``(z·sign)·w``; one bincount with every module in its own D-slot gives
+    each module's own bincount row, and a reduction over axis 0 adds those
+    rows in module order, as the loop's ``out +=`` does.
+    """
+    m = len(w)
+    keep = np.flatnonzero(w != 0.0)
+    if not keep.size:
+        return np.zeros(dim, dtype=np.float32)
+    if keep.size == m:
+        vals, cells = signed * w[:, None, None], idx
+    else:
+        vals, cells = signed[keep] * w[keep, None, None], idx[keep]
+    rows = np.bincount(cells.ravel(), weights=vals.ravel(), minlength=m * dim)
+    return np.add.reduce(rows.reshape(m, dim), axis=0).astype(np.float32)
+
+
+def _fold_loop(sketches: Mapping[str, np.ndarray], dim: int, weights: Mapping[str, float] | None, s: int) -> np.ndarray:
+    """``fold`` one module at a time (sketches of mixed sizes)."""
     out = np.zeros(dim, dtype=np.float64)
     for name, z in sketches.items():
         k = z.shape[0]
@@ -183,6 +283,29 @@ def fold(sketches: Mapping[str, np.ndarray], dim: int = DEFAULT_DIM, weights: Ma
         vals = (z.reshape(-1, 1).astype(np.float64) * sign) * w
         out += np.bincount(idx.ravel(), weights=vals.ravel(), minlength=dim)
     return out.astype(np.float32)
+
+
+@lru_cache(maxsize=4)  # the views of one LoRA fold the same modules; ~3 MiB per SDXL-size entry
+def _stacked_buckets(names: tuple[str, ...], k: int, dim: int, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every module's buckets (offset by its slot: module j uses ``[j·D, (j+1)·D)``) and signs, stacked.
+
+    Returns:
+        bucket indices (M, k², s) int64 and signs (M, k², s) float32, read-only.
+    """
+    parts = [_buckets(n, k, dim, s) for n in names]
+    idx = np.stack([p[0] for p in parts]) + (np.arange(len(names), dtype=np.int64) * dim)[:, None, None]
+    sign = np.stack([p[1] for p in parts])
+    idx.setflags(write=False)
+    sign.setflags(write=False)
+    return idx, sign
+
+
+def clear_caches() -> None:
+    """Drop the cached Gaussian test matrices and fold buckets (a fresh worker's state)."""
+    gaussian.cache_clear()
+    _stacked_gaussians.cache_clear()
+    _buckets.cache_clear()
+    _stacked_buckets.cache_clear()
 
 
 def normalise(v: np.ndarray) -> np.ndarray:
@@ -213,10 +336,9 @@ def fold_many(sketches: Mapping[str, np.ndarray], weights: Iterable[Mapping[str,
               s: int = BUCKETS_PER_ENTRY) -> list[np.ndarray]:
     """``fold`` for several per-module weightings at once (the views of one LoRA).
 
-    The fold is linear, so every module is folded once (one ``bincount`` over
-    all modules, each in its own D-slot) and each view is a weighted sum of
-    those rows: the same vectors as calling ``fold`` per view, up to float
-    rounding, for about the cost of one call.
+    The sketch-times-sign products and the bucket layout are formed once and
+    shared by every weighting; each vector is the same, bit for bit, as a
+    ``fold`` call of its own.
 
     Args:
         sketches: module -> k×k sketch.
@@ -228,15 +350,10 @@ def fold_many(sketches: Mapping[str, np.ndarray], weights: Iterable[Mapping[str,
         one float32 vector per weighting (not normalised).
     """
     names = list(sketches)
-    ws = list(weights)
+    ws = [np.array([1.0 if m is None else m.get(n, 0.0) for n in names], dtype=np.float64) for m in weights]
     if not names:
         return [np.zeros(dim, dtype=np.float32) for _ in ws]
-    idx, vals = [], []
-    for j, name in enumerate(names):
-        z = sketches[name]
-        bi, sign = _buckets(name, z.shape[0], dim, s)
-        idx.append(bi.ravel() + j * dim)
-        vals.append((z.reshape(-1, 1).astype(np.float64) * sign).ravel())
-    per_module = np.bincount(np.concatenate(idx), weights=np.concatenate(vals), minlength=len(names) * dim)
-    w = np.array([[1.0 if m is None else m.get(n, 0.0) for n in names] for m in ws])
-    return list((w @ per_module.reshape(len(names), dim)).astype(np.float32))
+    signed = _signed(sketches, dim, s)
+    if signed is None:
+        return [_fold_loop(sketches, dim, dict(zip(names, w.tolist())), s) for w in ws]
+    return [_fold_signed(signed[0], signed[1], w, dim) for w in ws]

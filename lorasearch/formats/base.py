@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
@@ -156,6 +157,26 @@ def any_key(keys: list[str], pattern: str) -> bool:
     return any(rx.search(k) for k in keys)
 
 
+_TAIL = 3  # suffixes are bucketed by their last characters: a key is only tried against its bucket
+
+
+@lru_cache(maxsize=64)
+def _suffix_buckets(suffixes: tuple[str, ...]) -> tuple[dict[str, list[str]], list[str]]:
+    """Suffixes longest first, grouped by their last ``_TAIL`` characters.
+
+    Returns:
+        tail -> the suffixes a key ending in that tail can end with (longest
+        first, the shorter-than-tail ones last), and the short ones alone.
+    """
+    ordered = sorted(suffixes, key=len, reverse=True)  # stable: ties keep the caller's order
+    short = [s for s in ordered if len(s) < _TAIL]
+    buckets: dict[str, list[str]] = {}
+    for suf in ordered:
+        if len(suf) >= _TAIL:
+            buckets.setdefault(suf[-_TAIL:], []).append(suf)
+    return {t: b + short for t, b in buckets.items()}, short
+
+
 def group_by_suffix(
     keys: list[str], suffix_roles: dict[str, str], name_of: Callable[[str], str | None] | None = None
 ) -> tuple[dict[str, dict[str, str]], list[str]]:
@@ -169,11 +190,11 @@ def group_by_suffix(
     Returns:
         the groups, and the keys no suffix matched.
     """
-    ordered = sorted(suffix_roles, key=len, reverse=True)
+    buckets, short = _suffix_buckets(tuple(suffix_roles))
     groups: dict[str, dict[str, str]] = {}
     rest: list[str] = []
     for k in keys:
-        for suf in ordered:
+        for suf in buckets.get(k[-_TAIL:], short) if len(k) >= _TAIL else short:
             if k.endswith(suf) and len(k) > len(suf):
                 mod = k[: -len(suf)]
                 if name_of is not None:

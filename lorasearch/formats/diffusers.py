@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import lru_cache
 from typing import Any
 
 from lorasearch.formats.base import COMPONENTS, ParsedLora, ReadContext, TensorSource, group_by_suffix, register_format
@@ -59,6 +60,11 @@ PREFIX_COMPONENTS = tuple(c for c in COMPONENTS if c is not None and c.startswit
 ROOT_PREFIXES = ("diffusion_model.",)
 
 
+def _any_bfl(keys: list[str]) -> bool:
+    """Some key has BFL block names (``double_blocks`` / ``single_blocks``)."""
+    return any(("double_blocks" in k or "single_blocks" in k) and _BFL_RX.search(k) for k in keys)
+
+
 def _is_text_encoder(first: str) -> bool:
     return first.startswith("text_encoder")
 
@@ -80,6 +86,7 @@ def rewrite_legacy(key: str) -> str | None:
     return f"{mod}.{proj}.alpha" if m.group("alpha") else f"{mod}.{proj}.lora.{half}.weight"
 
 
+@lru_cache(maxsize=1 << 15)  # keys repeat from file to file of one trainer
 def normalise_key(key: str) -> tuple[str, bool]:
     """A key in current diffusers/PEFT naming, and whether it was a legacy key."""
     k = strip_adapter_name(key)
@@ -116,6 +123,7 @@ def _role_of(key: str) -> str | None:
     return None
 
 
+@lru_cache(maxsize=1 << 15)
 def is_diffusers_key(key: str) -> bool:
     """True for keys this reader decodes (not BFL, kohya or PEFT ``base_model.`` names)."""
     if _KOHYA_RX.match(key) or key.startswith("base_model.") or ":" in key:
@@ -265,9 +273,10 @@ class DiffusersLegacyReader(_DiffusersBase):
     priority = 32
 
     def matches(self, keys: list[str], metadata: dict[str, str]) -> bool:
-        if any(_BFL_RX.search(k) for k in keys):
+        if _any_bfl(keys):
             return False
-        return any(not _KOHYA_RX.match(k) and rewrite_legacy(strip_adapter_name(k)) is not None for k in keys)
+        # '_lora.' is part of every legacy key (and adapter-name stripping cannot create it): a cheap prefilter
+        return any("_lora." in k and not _KOHYA_RX.match(k) and normalise_key(k)[1] for k in keys)
 
 
 @register_format
@@ -278,7 +287,7 @@ class DiffusersReader(_DiffusersBase):
     priority = 30
 
     def matches(self, keys: list[str], metadata: dict[str, str]) -> bool:
-        if any(_BFL_RX.search(k) for k in keys):
+        if _any_bfl(keys):
             return False
         if any(k.startswith("base_model.") for k in keys):
             return False

@@ -59,6 +59,7 @@ _HUNYUAN_FLAT_RX = re.compile(r"(_mod_linear|_modulation_linear|_mlp_fc[12])\.|t
 _HUNYUAN_DOTTED_RX = re.compile(r"(mod\.linear|modulation\.linear|mlp\.fc[12]|_attn_(qkv|proj)\b|token_refiner)")
 
 _KOHYA_FLUX_RX = re.compile(r"^lora_unet_(double_blocks|single_blocks)_\d+_")
+_KOHYA_FLUX_STARTS = ("lora_unet_double_blocks_", "lora_unet_single_blocks_")  # cheap prefilter for the above
 _BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _BFL_DOTTED_RX = re.compile(r"^(?:model\.diffusion_model\.|diffusion_model\.)?(double_blocks|single_blocks)\.\d+\.")
 _XLABS_RX = re.compile(r"^(?:diffusion_model\.)?(double_blocks|single_blocks)\.\d+\.processor\.")
@@ -421,8 +422,9 @@ class KohyaFluxReader:
     priority = PRIORITY
 
     def matches(self, keys: list[str], metadata: dict[str, str]) -> bool:
-        unet = [k for k in keys if k.startswith("lora_unet_")]
-        return any(_KOHYA_FLUX_RX.match(k) for k in unet) and _not_hunyuan(unet, _HUNYUAN_FLAT_RX)
+        if not any(k.startswith(_KOHYA_FLUX_STARTS) and _KOHYA_FLUX_RX.match(k) for k in keys):
+            return False
+        return _not_hunyuan([k for k in keys if k.startswith("lora_unet_")], _HUNYUAN_FLAT_RX)
 
     def read(self, src: TensorSource, ctx: ReadContext) -> ParsedLora:
         keys = [k for k in src.keys() if kohya._PREFIX_RX.match(k)]
@@ -464,7 +466,7 @@ class BflFluxReader:
     priority = PRIORITY
 
     def matches(self, keys: list[str], metadata: dict[str, str]) -> bool:
-        bfl = [k for k in keys if _BFL_DOTTED_RX.match(k) and not _XLABS_RX.match(k)]
+        bfl = [k for k in keys if "_blocks." in k and _BFL_DOTTED_RX.match(k) and not _XLABS_RX.match(k)]
         return bool(bfl) and _not_hunyuan(bfl, _HUNYUAN_DOTTED_RX)
 
     def read(self, src: TensorSource, ctx: ReadContext) -> ParsedLora:
@@ -514,7 +516,7 @@ class XLabsFluxReader:
     priority = PRIORITY
 
     def matches(self, keys: list[str], metadata: dict[str, str]) -> bool:
-        return any(_XLABS_RX.match(k) for k in keys)
+        return any("_blocks." in k and _XLABS_RX.match(k) for k in keys)
 
     def read(self, src: TensorSource, ctx: ReadContext) -> ParsedLora:
         keys = src.keys()

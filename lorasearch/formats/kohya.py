@@ -28,6 +28,7 @@ _PREFIX_RX = re.compile(r"^(lora_unet_|lora_te[123]?_|lora_transformer_|lycoris_
 # A malformed writer seen in the wild: '..._to_k_lora_down.weight' (underscore
 # instead of dot) and a doubled 'lora_unet_unet_' prefix.
 _MALFORMED_SUFFIXES = {"_lora_down.weight": "down", "_lora_up.weight": "up"}
+_MALFORMED_ENDS = tuple(_MALFORMED_SUFFIXES)
 
 
 def locate(mod: str) -> tuple[str | None, str, bool]:
@@ -53,8 +54,9 @@ class KohyaReader:
 
     def read(self, src: TensorSource, ctx: ReadContext) -> ParsedLora:
         keys = [k for k in src.keys() if _PREFIX_RX.match(k)]
-        bad = [k for k in keys if any(k.endswith(s) for s in _MALFORMED_SUFFIXES)]
-        groups, rest = group_by_suffix([k for k in keys if k not in set(bad)], KOHYA_SUFFIX_ROLES)
+        bad = [k for k in keys if k.endswith(_MALFORMED_ENDS)]
+        bad_set = set(bad)
+        groups, rest = group_by_suffix([k for k in keys if k not in bad_set], KOHYA_SUFFIX_ROLES)
         warnings: list[str] = []
         if bad:
             malformed, _ = group_by_suffix(bad, _MALFORMED_SUFFIXES)

@@ -9,8 +9,10 @@ from lorasearch import families
 from lorasearch.delta import LoraDelta
 from lorasearch.errors import BadInput, UnsupportedLayout
 from lorasearch.formats.base import ReadContext, TensorSource, pick_reader
-from lorasearch.formats.safetensors_file import DEFAULT_MAX_FILE_BYTES, PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle_path
-from lorasearch.hashes import autov2, file_hashes
+from lorasearch.formats.safetensors_file import (
+    DEFAULT_MAX_FILE_BYTES, HASH_THREADS, PICKLE_SUFFIXES, SafetensorsFile, refuse_pickle_path,
+)
+from lorasearch.hashes import autov2
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -102,14 +104,20 @@ def resolve_path(path: Path) -> tuple[Path, Path | None]:
 
 
 def load_lora(
-    path: str | Path, config: str | Path | dict[str, Any] | None = None, max_bytes: int = DEFAULT_MAX_FILE_BYTES
+    path: str | Path, config: str | Path | dict[str, Any] | None = None, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    hashes: bool = True,
 ) -> LoraDelta:
     """Read one LoRA: a safetensors file or a PEFT adapter folder.
+
+    The file is read once: the tensors and the hashes come from the same bytes
+    (files over ``PRELOAD_MAX_BYTES`` are hashed in a second, streaming pass).
 
     Args:
         path: the file or folder.
         config: a PEFT adapter config (path or dict) that overrides the sidecar.
         max_bytes: size cap for the weights file.
+        hashes: compute sha256 / AutoV2 / AutoV3 (the file's identity; the
+            embedding does not need them). False leaves them None.
 
     Returns:
         the LoraDelta, with ``source`` holding path, sha256, AutoV2 and AutoV3.
@@ -125,14 +133,14 @@ def load_lora(
         cfg = _read_config(cfg_path) if cfg_path is not None else None
     with SafetensorsFile(weights, max_bytes=max_bytes) as st:
         ld = read_source(st, ReadContext(path=str(weights), peft_config=cfg))
-        sha, v3 = file_hashes(weights, st.header_len)
+        sha, v3 = st.hashes(HASH_THREADS) if hashes else (None, None)
     ld.source = {
         "path": str(path),
         "weights": str(weights),
         "config": str(cfg_path) if cfg_path is not None and not isinstance(config, dict) else None,
         "bytes": st.size,
         "file_sha256": sha,
-        "autov2": autov2(sha),
+        "autov2": autov2(sha) if sha is not None else None,
         "autov3": v3,
     }
     ld.header_metadata = dict(st.metadata)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Callable
 
 import numpy as np
@@ -65,12 +66,19 @@ SUPPORTED_PEFT_TYPES = ("LORA", "LOHA", "LOKR")
 _BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda")
 
 
+# A key without any of these substrings holds no adapter token (checked before splitting it).
+_ADAPTER_TOKEN_RX = re.compile(r"lora_[AB]|lora_embedding_|lora_magnitude_vector|hada_|lokr_")
+
+
+@lru_cache(maxsize=1 << 15)
 def strip_adapter_name(key: str) -> str:
     """Drop the adapter name peft puts after a parameter name.
 
     ``x.lora_A.default.weight`` -> ``x.lora_A.weight``;
     ``x.lora_embedding_A.my_adapter`` -> ``x.lora_embedding_A``.
     """
+    if not _ADAPTER_TOKEN_RX.search(key):
+        return key
     parts = key.split(".")
     out: list[str] = []
     i = 0

@@ -1,0 +1,408 @@
+"""The HTTP API: query by uploaded LoRA, compare, browse, and (with a token) add and delete.
+
+``create_app(db, max_upload_mb, token_file)`` builds the FastAPI app; ``serve``
+runs it under uvicorn (``lorasearch serve``). The store is opened once, read
+only, in the lifespan handler and shared by every request; it checks the
+store's generation counter on each search and reloads the FAISS indexes an
+indexer process changed, so new LoRAs show up within a query without a restart
+and without blocking readers (SQLite WAL: one writer, many readers).
+
+Writes (``POST /v1/loras``, ``DELETE /v1/loras/{id}``) need ``Authorization:
+Bearer <token>`` with the token from ``--token-file``; without a token file
+they are disabled (403). Each write opens its own writable ``Store`` while
+holding the indexer's lock (``DB/indexer.lock``): 409 while an indexing run
+holds it. The API never fetches URLs given by a client.
+"""
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Literal, Optional, TypeVar
+
+import anyio
+from fastapi import Depends, FastAPI, Path as PathParam, Query, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+from starlette.staticfiles import StaticFiles
+
+import lorasearch
+from api import schemas
+from api.errors import STATUS_MEANING, ApiError, from_bad_input, install_handlers, json_safe
+from api.uploads import CLOSE, LoraUpload, Upload, receive_upload
+from lorasearch.errors import BadInput
+from lorasearch.search import DeltaCache
+from lorasearch.sketch import MODULE_GROUPS
+from lorasearch.store import Store
+
+log = logging.getLogger("lorasearch.api")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+MAX_ID = 2**63 - 1  # SQLite integer range: larger ids cannot exist (and would overflow the binding)
+ENV_DB, ENV_MAX_MB, ENV_TOKEN_FILE = "LORASEARCH_API_DB", "LORASEARCH_API_MAX_UPLOAD_MB", "LORASEARCH_API_TOKEN_FILE"
+
+View = Literal["delta", "style", "paper"]
+Group = Literal[tuple(MODULE_GROUPS)]  # type: ignore[valid-type]
+T = TypeVar("T")
+
+
+class JSONOut(JSONResponse):
+    """JSON without FastAPI's encoder pass: numpy scalars unwrapped, NaN/Inf as null."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(json_safe(content), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+class LockedDeltaCache(DeltaCache):
+    """``DeltaCache`` shared by the request threads (its LRU bookkeeping is not thread-safe on its own)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lock = threading.Lock()
+
+    def get(self, sha256: str, path: Path) -> Any:
+        with self._lock:
+            return super().get(sha256, path)
+
+
+@dataclass
+class Settings:
+    """What one app serves and how.
+
+    Attributes:
+        db: the store directory.
+        max_upload_bytes: cap for one uploaded weights file.
+        token: the write token (None: writes disabled).
+        tmp_dir: where uploads are spooled (None: the system temp folder).
+    """
+
+    db: Path
+    max_upload_bytes: int
+    token: bytes | None = None
+    tmp_dir: Path | None = None
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def read_token(token_file: str | Path | None) -> bytes | None:
+    """The write token from its file (surrounding whitespace dropped).
+
+    Raises:
+        BadInput: unreadable or empty file.
+    """
+    if token_file is None:
+        return None
+    try:
+        token = Path(token_file).read_bytes().strip()
+    except OSError as exc:
+        raise BadInput(f"{token_file}: cannot read the token file: {exc.strerror or exc}", code="bad_parameter") from None
+    if not token:
+        raise BadInput(f"{token_file}: the token file is empty", code="bad_parameter")
+    return token
+
+
+def _responses(*statuses: int, ok: type | None = None, ok_status: int = 200) -> dict[int | str, dict[str, Any]]:
+    out: dict[int | str, dict[str, Any]] = {s: {"model": schemas.ErrorResponse, "description": STATUS_MEANING[s]}
+                                            for s in statuses}
+    if ok is not None:
+        out[ok_status] = {"model": ok, "description": "OK"}
+    return out
+
+
+def _multipart_body(fields: dict[str, str]) -> dict[str, Any]:
+    """OpenAPI request body for routes that read their multipart body themselves (streamed, see api.uploads)."""
+    props = {name: {"type": "string", "format": "binary", "description": desc} for name, desc in fields.items()}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "required": list(fields), "properties": props, "additionalProperties": False}}}}}
+
+
+FILE_DESC = ("A LoRA .safetensors file. For a PEFT adapter send the field twice: adapter_model.safetensors and "
+             "adapter_config.json. Pickled files (.bin/.pt/.ckpt) are refused.")
+
+
+def _lora_info(lu: LoraUpload, ld: Any) -> dict[str, Any]:
+    """``info --json`` of an uploaded LoRA, with the client's file names instead of temp paths."""
+    from lorasearch.report import info_dict
+
+    d = info_dict(ld)
+    d["path"] = lu.name
+    d["config"] = lu.config.filename if lu.config is not None else None
+    return d
+
+
+def create_app(db: str | Path, max_upload_mb: float = 512, token_file: str | Path | None = None,
+               tmp_dir: str | Path | None = None, query_concurrency: int = 1) -> FastAPI:
+    """The API over one store.
+
+    Args:
+        db: the store directory (must hold a store).
+        max_upload_mb: cap for one uploaded weights file, in MiB.
+        token_file: file holding the bearer token for writes (None: writes disabled).
+        tmp_dir: where uploads are spooled (default: the system temp folder).
+        query_concurrency: queries/compares computed at once in this process (more wait their turn).
+
+    Returns:
+        the FastAPI app (the store is opened when it starts).
+    """
+    settings = Settings(Path(db), max(1, int(max_upload_mb * 2**20)), read_token(token_file),
+                        Path(tmp_dir) if tmp_dir is not None else None)
+    cache = LockedDeltaCache()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Reading, embedding and re-ranking hold the GIL most of the time: more than one at a time in a
+        # process only shares the core (all finish late) and multiplies the memory held. Queued requests
+        # wait on this semaphore without a thread; --workers scales across cores.
+        app.state.cpu_slots = anyio.Semaphore(max(1, query_concurrency))
+        app.state.store = Store(settings.db, create=False, readonly=True)
+        try:
+            yield
+        finally:
+            app.state.store.close()
+
+    app = FastAPI(title="lorasearch", version=lorasearch.__version__, lifespan=lifespan,
+                  default_response_class=JSONOut,
+                  description="Find LoRAs by their weights: upload a LoRA, get its nearest indexed LoRAs.")
+    app.state.settings = settings
+    install_handlers(app)
+    bearer = HTTPBearer(auto_error=False, description="Token from the server's --token-file (writes only).")
+
+    def store(request: Request) -> Store:
+        return request.app.state.store
+
+    async def in_thread(fn: Callable[..., T], *args: Any) -> T:
+        return await run_in_threadpool(fn, *args)
+
+    async def cpu_bound(fn: Callable[..., T], *args: Any) -> T:
+        async with app.state.cpu_slots:
+            return await run_in_threadpool(fn, *args)
+
+    def authorize(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
+        """401 without a bearer token, 403 with a wrong one or when writes are disabled."""
+        if settings.token is None:
+            raise ApiError(403, "writes_disabled", "writes are disabled: the server was started without --token-file",
+                           CLOSE)
+        if creds is None or not creds.credentials:
+            raise ApiError(401, "unauthorized", "send Authorization: Bearer <token>",
+                           {**CLOSE, "WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(creds.credentials.encode("utf-8", "replace"), settings.token):
+            raise ApiError(403, "forbidden", "wrong token", CLOSE)
+
+    # ---- reads -------------------------------------------------------------------------------------------
+
+    @app.get("/healthz", response_model=None, responses=_responses(ok=schemas.Health), tags=["meta"])
+    def healthz(request: Request) -> JSONOut:
+        """Liveness: the store answers."""
+        return JSONOut({"status": "ok", "generation": store(request).generation()})
+
+    @app.get("/v1/stats", response_model=None, tags=["browse"])
+    def stats(request: Request) -> JSONOut:
+        """What the store holds (``lorasearch stats --json``)."""
+        return JSONOut(store(request).stats())
+
+    @app.get("/v1/families", response_model=None, responses=_responses(ok=schemas.Families), tags=["browse"])
+    def families(request: Request) -> JSONOut:
+        """Families with at least one live LoRA, with their counts."""
+        rows = store(request).execute(
+            "SELECT family, COUNT(*) FROM loras WHERE deleted=0 GROUP BY family ORDER BY family")
+        return JSONOut({"families": [{"family": r[0], "count": int(r[1])} for r in rows]})
+
+    @app.get("/v1/loras", response_model=None, responses=_responses(404, 422, ok=schemas.LoraList), tags=["browse"])
+    def list_loras(
+        request: Request,
+        family: Optional[str] = Query(None, max_length=500, description="Only this family (e.g. sd15)."),
+        source: Optional[str] = Query(None, max_length=4096, description="Only LoRAs seen in this source (SOURCE string or path)."),
+        label: Optional[str] = Query(None, max_length=500, description="Only LoRAs with this label."),
+        limit: int = Query(100, ge=1, le=1000),
+        offset: int = Query(0, ge=0, le=2**62),
+    ) -> JSONOut:
+        """Live LoRAs, oldest first."""
+        st = store(request)
+        if family is not None and family not in st.families():
+            raise ApiError(404, "unknown_family", f"no indexed LoRAs of family {family!r}")
+        rows = st.list(family=family, source=source, label=label, limit=limit, offset=offset)
+        return JSONOut({"loras": rows, "limit": limit, "offset": offset, "count": len(rows)})
+
+    @app.get("/v1/loras/{lora_id}", response_model=None, responses=_responses(404, 422), tags=["browse"])
+    def get_lora(request: Request, lora_id: int = PathParam(..., ge=1, le=MAX_ID)) -> JSONOut:
+        """Everything about one LoRA: metadata, ``info``, every source it was seen in."""
+        row = store(request).get(lora_id)
+        if row is None or row.get("deleted"):
+            raise ApiError(404, "unknown_id", f"no LoRA with id {lora_id}")
+        return JSONOut(row)
+
+    @app.get("/v1/map", response_model=None, responses=_responses(404, 422, ok=schemas.CollectionMap), tags=["browse"])
+    def collection_map(request: Request, family: str = Query(..., min_length=1, max_length=500)) -> JSONOut:
+        """The 2-D map of one family's collection (computed at index time)."""
+        try:
+            from lorasearch.collection_map import load_map
+        except ImportError:
+            raise ApiError(404, "no_map", "collection maps are not available in this build "
+                           "(lorasearch.collection_map is missing)") from None
+        try:
+            m = load_map(store(request).root, family)
+        except (OSError, ValueError) as exc:
+            raise ApiError(404, "no_map", f"no readable collection map for family {family!r} ({exc})") from None
+        if m is None:
+            raise ApiError(404, "no_map", f"no collection map for family {family!r} (maps are computed at index time)")
+        return JSONOut(m)
+
+    # ---- uploads -----------------------------------------------------------------------------------------
+
+    async def upload(request: Request, fields: tuple[str, ...]) -> Upload:
+        return await receive_upload(request, fields, settings.max_upload_bytes, settings.tmp_dir)
+
+    def run_query(st: Store, lu: LoraUpload, view: str, k: int, groups: list[str] | None) -> dict[str, Any]:
+        from lorasearch.search import query
+
+        ld = lu.load(settings.max_upload_bytes)
+        try:
+            res = query(st, ld, view=view, k=k, groups=groups or None, cache=cache)
+        except BadInput as exc:
+            raise from_bad_input(exc, lu.replacements()) from None
+        res.setdefault("query", lu.name)
+        res["query_lora"] = _lora_info(lu, ld)
+        return res
+
+    @app.post("/v1/query", response_model=None, openapi_extra=_multipart_body({"file": FILE_DESC}), tags=["search"],
+              responses=_responses(400, 413, 415, 422, ok=schemas.QueryResponse))
+    async def query_route(
+        request: Request,
+        k: int = Query(10, ge=1, le=1000, description="Number of results."),
+        view: View = Query("delta", description="delta (identity, exact re-rank), style (per-module normalised) or paper."),
+        groups: Optional[list[Group]] = Query(None, description="Module groups for the style view (repeatable)."),
+    ) -> JSONOut:
+        """The indexed LoRAs closest to the uploaded one, within its family: the JSON of ``lorasearch query --json``."""
+        with await upload(request, ("file",)) as up:
+            lu = up.lora("file")
+            res = await cpu_bound(run_query, store(request), lu, view, k, list(groups) if groups else None)
+        return JSONOut(res)
+
+    def run_compare(a: LoraUpload, b: LoraUpload) -> dict[str, Any]:
+        from lorasearch.frobenius import compare
+        from lorasearch.report import compare_dict
+
+        la, lb = a.load(settings.max_upload_bytes), b.load(settings.max_upload_bytes)
+        d = compare_dict(la, lb, compare(la, lb))
+        d["path_a"], d["path_b"] = a.name, b.name
+        return d
+
+    @app.post("/v1/compare", response_model=None, tags=["search"],
+              openapi_extra=_multipart_body({"a": "First LoRA. " + FILE_DESC, "b": "Second LoRA. " + FILE_DESC}),
+              responses=_responses(400, 413, 415, 422, ok=schemas.CompareResponse))
+    async def compare_route(request: Request) -> JSONOut:
+        """Exact cosine of two uploaded LoRAs over their shared modules: the JSON of ``lorasearch compare --json``."""
+        with await upload(request, ("a", "b")) as up:
+            a, b = up.lora("a"), up.lora("b")
+            res = await cpu_bound(run_compare, a, b)
+        return JSONOut(res)
+
+    @app.post("/v1/attribute", response_model=None, openapi_extra=_multipart_body({"file": FILE_DESC}),
+              tags=["search"], responses=_responses(501))
+    async def attribute_route() -> JSONOut:
+        """Which indexed LoRAs an uploaded (merged) LoRA is made of: not implemented yet."""
+        raise ApiError(501, "not_implemented", "attribution is not implemented yet", CLOSE)
+
+    # ---- writes ------------------------------------------------------------------------------------------
+
+    def write(fn: Callable[[Store], T]) -> T:
+        """Run ``fn`` on a writable store while holding the indexer lock (one writer per store)."""
+        from indexer.pipeline import IndexerBusy, exclusive
+
+        with settings.write_lock:
+            try:
+                with exclusive(settings.db):
+                    w = Store(settings.db, create=False)
+                    try:
+                        return fn(w)
+                    finally:
+                        w.close()
+            except IndexerBusy as exc:
+                raise ApiError(409, "busy", str(exc)) from None
+
+    def run_add(st: Store, lu: LoraUpload, name: str | None, labels: list[str]) -> tuple[dict[str, Any], bool]:
+        from lorasearch.embed import embed
+        from lorasearch.sketch import DEFAULT_DIM, DEFAULT_K
+
+        ld = lu.load(settings.max_upload_bytes)
+        emb = embed(ld, k=st.k or DEFAULT_K, dim=st.dim or DEFAULT_DIM)
+        source = {"source": "upload", "path": lu.name, "name": name or lu.name}
+
+        def add(w: Store) -> tuple[int, bool, dict[str, Any] | None]:
+            lid, new = w.add(ld, emb, source, labels or None)
+            return lid, new, w.get(lid)
+
+        lid, new, row = write(add)
+        return {"id": lid, "added": new, "lora": row}, new
+
+    @app.post("/v1/loras", response_model=None, dependencies=[Depends(authorize)], tags=["write"],
+              openapi_extra=_multipart_body({"file": FILE_DESC}),
+              responses=_responses(400, 401, 403, 409, 413, 415, 422, ok=schemas.AddResponse, ok_status=201))
+    async def add_route(
+        request: Request,
+        name: Optional[str] = Query(None, min_length=1, max_length=500, description="Name to list it under (default: the file name)."),
+        label: list[str] = Query([], description="Labels (repeatable)."),
+    ) -> JSONOut:
+        """Index an uploaded LoRA (needs the bearer token). 201 when new, 200 when that content was already indexed."""
+        with await upload(request, ("file",)) as up:
+            lu = up.lora("file")
+            res, new = await in_thread(run_add, store(request), lu, name, [str(x)[:500] for x in label[:64]])
+        return JSONOut(res, status_code=201 if new else 200)
+
+    @app.delete("/v1/loras/{lora_id}", response_model=None, dependencies=[Depends(authorize)], tags=["write"],
+                responses=_responses(401, 403, 404, 409, 422, ok=schemas.DeleteResponse))
+    def delete_route(lora_id: int = PathParam(..., ge=1, le=MAX_ID)) -> JSONOut:
+        """Hide a LoRA from search and listings (needs the bearer token)."""
+        if not write(lambda w: w.delete(lora_id)):
+            raise ApiError(404, "unknown_id", f"no live LoRA with id {lora_id}")
+        return JSONOut({"id": lora_id, "deleted": True})
+
+    # ---- the web page ------------------------------------------------------------------------------------
+    if STATIC_DIR.is_dir():
+        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """``create_app`` configured from the environment (uvicorn's factory for ``--workers`` > 1)."""
+    token = os.environ.get(ENV_TOKEN_FILE) or None
+    return create_app(os.environ[ENV_DB], float(os.environ.get(ENV_MAX_MB, "512")), token)
+
+
+def serve(db: str | Path, host: str = "127.0.0.1", port: int = 8000, workers: int = 1, max_upload_mb: float = 512,
+          token_file: str | Path | None = None, log_level: str = "info") -> None:
+    """Run the API under uvicorn until interrupted.
+
+    Creates an empty store at ``db`` when there is none, so an indexer can fill
+    it while the server runs.
+
+    Raises:
+        BadInput: unreadable token file, or a folder that is not a store.
+    """
+    import uvicorn
+
+    from lorasearch.store import StoreError
+
+    read_token(token_file)  # fail before starting workers
+    try:
+        if not (Path(db) / "lorasearch.sqlite").is_file():
+            Store(db, create=True).close()
+            log.warning("created an empty store at %s", db)
+        Store(db, create=False, readonly=True).close()
+    except StoreError as exc:
+        raise BadInput(str(exc), code="no_store") from None
+    common: dict[str, Any] = {"host": host, "port": port, "log_level": log_level, "proxy_headers": False,
+                              "server_header": False}
+    if workers > 1:
+        os.environ[ENV_DB] = str(Path(db).resolve())
+        os.environ[ENV_MAX_MB] = str(max_upload_mb)
+        if token_file is not None:
+            os.environ[ENV_TOKEN_FILE] = str(Path(token_file).resolve())
+        uvicorn.run("api.app:app_from_env", factory=True, workers=workers, **common)
+    else:
+        uvicorn.run(create_app(db, max_upload_mb, token_file), **common)
