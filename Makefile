@@ -26,8 +26,11 @@ test: $(STAMP)
 samples: $(STAMP)
 	$(PY) scripts/make_samples.py --out data/samples
 
+## serve: the HTTP API and web page on http://127.0.0.1:8000 over DB (default: the demo's store)
+DB ?= demo-out/db
 serve: $(STAMP)
-	@echo "The HTTP API arrives with issue #4; for now use: $(VENV)/bin/lorasearch --help"
+	@test -f $(DB)/lorasearch.sqlite || $(MAKE) demo
+	$(VENV)/bin/lorasearch serve --db $(DB)
 
 clean-venv:
 	rm -rf $(VENV)

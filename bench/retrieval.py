@@ -445,6 +445,10 @@ def measure(tmp: Path, quick: bool, seed: int) -> dict[str, Any]:
             rec.update({"note": tr.note, "query_format": q.format, **exact_cosines(q, o.ld)})
             for v in VIEWS:
                 rec[v] = run_query(store, q, o, v)
+            rec["query_family"] = q.family
+            if q.family != o.ld.family:  # what the rest of the pipeline does once the family is right
+                forced = replace(q, family=o.ld.family)
+                rec["forced_family"] = {v: run_query(store, forced, o, v) for v in ("delta", "style")}
             records.append(rec)
     stats = store.stats()
     store.close()
@@ -498,16 +502,45 @@ HEADERS = ["transform", "queries", "delta recall@1", "style recall@1", "paper re
            "paper ms (median)", "not applicable"]
 
 
-def misses(records: list[dict[str, Any]]) -> list[list[Any]]:
+def misses(records: list[dict[str, Any]], origs: list[Original]) -> list[list[Any]]:
+    fam = {o.path.name: o.ld.family for o in origs}
     rows = []
     for r in records:
         if "skipped" in r:
             continue
         for v in ("delta", "style"):
             if not r[v]["hit"]:
-                rows.append([r["transform"], v, r["file"][:60], r["format"], r[v]["rank"] or "> 10",
-                             f"{r['exact_cosine']:.3f}" if r["exact_cosine"] is not None else "-", r[v]["message"] or ""])
+                forced = r.get("forced_family", {}).get(v)
+                rows.append([r["transform"], v, r["file"][:60], f"{fam[r['file']]} / {r['query_family']}",
+                             r[v]["rank"] or "not in top 10",
+                             "-" if forced is None else (forced["rank"] or "not in top 10"),
+                             f"{r['full_cosine']:.3f}" if r["full_cosine"] is not None else "-"])
     return rows
+
+
+MISS_HEADERS = ["transform", "view", "file", "family: original / copy read as", "rank of the original",
+                "rank with the original's family forced", "exact cos, all modules"]
+
+
+def tie_groups(origs: list[Original]) -> list[list[str]]:
+    """File names that share one store row (same AutoV3) or exactly the same ΔW."""
+    groups: dict[frozenset[int], list[str]] = {}
+    for o in origs:
+        groups.setdefault(frozenset(o.ties), []).append(o.path.name)
+    by_row: dict[int, list[str]] = {}
+    for o in origs:
+        by_row.setdefault(o.row, []).append(o.path.name)
+    out = [sorted(g) for g in by_row.values() if len(g) > 1]
+    out += [sorted(g) for ids, g in groups.items() if len(ids) > 1 and sorted(g) not in out]
+    return out
+
+
+def min_margin_file(records: list[dict[str, Any]]) -> str:
+    rs = [r for r in records if "skipped" not in r and r["delta"]["margin"] is not None]
+    if not rs:
+        return "-"
+    r = min(rs, key=lambda r: r["delta"]["margin"])
+    return f"`{r['file']}` ({r['transform']}, margin {r['delta']['margin']:.3f})"
 
 
 def format_notes(records: list[dict[str, Any]]) -> list[list[Any]]:
@@ -538,7 +571,6 @@ def main() -> None:
     recs = res["records"]
     done = [r for r in recs if "skipped" not in r]
     origs = res["originals"]
-    ties = [o for o in origs if len(o.ties) > 1 or sum(p.row == o.row for p in origs) > 1]
     idx = res["index"]
     st = res["stats"]
     overall = {v: sum(r[v]["hit"] for r in done) / max(len(done), 1) for v in VIEWS}
@@ -560,15 +592,15 @@ def main() -> None:
         "original, over the modules both have and over all modules (a missing module counts as zero). `paper` = the paper's flattened factors + "
         "PCA over the indexed LoRAs with the copy's factor shapes (`search.query(view=\"paper\")`): a copy whose "
         "factor shapes differ from every indexed LoRA (rank/2, no-attn2) is not comparable and counts as a miss.",
-        "Ties: " + ("; ".join(f"`{o.path.name}` shares its row (same AutoV3, identical tensors) with "
-                              f"{', '.join('`' + p.path.name + '`' for p in origs if p.row == o.row and p is not o)}"
-                              for o in ties) or "none") + ". A hit is the original's row (or a row with exactly "
-        "its ΔW) first. The filip131311 and reddinft groups are related checkpoints (exact cosines 0.71 and 0.79), "
-        "not copies, and count as different LoRAs; timohavdk's `pytorch_lora_weights` is 0.963 to its siblings.",
+        "Ties: " + ("; ".join(" = ".join(f"`{n}`" for n in g) for g in tie_groups(origs)) or "none")
+        + " (one store row: same AutoV3, identical tensors; a query of either is a hit when that row comes first). "
+        "A hit is the original's row (or a row with exactly its ΔW) first. The filip131311 and reddinft groups are "
+        "related checkpoints (exact cosines 0.71 and 0.79), not copies, and count as different LoRAs; timohavdk's "
+        f"`pytorch_lora_weights` is 0.963 to its siblings. Smallest delta margin: {min_margin_file(recs)}.",
         "How each format conversion / attn2 removal was written:",
         md_table(["transform", "original format", "writer -> reader", "files"], format_notes(recs)),
-        "Misses in the delta/style views (rank of the original, exact cosine of the copy):",
-        md_table(["transform", "view", "file", "format", "rank", "exact cos", "message"], misses(recs) or [["none"] + [""] * 6]),
+        "Misses in the delta/style views:",
+        md_table(MISS_HEADERS, misses(recs, origs) or [["none"] + [""] * 6]),
         f"Total run time {time.perf_counter() - t0:.0f} s.",
     ])
     print(body)
