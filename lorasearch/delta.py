@@ -180,6 +180,7 @@ class LoraDelta:
     metadata: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     header_metadata: dict[str, str] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict, repr=False)  # derived values (e.g. module norms)
 
     @property
     def needs_base(self) -> bool:

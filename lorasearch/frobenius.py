@@ -17,6 +17,9 @@ def _f64(x: np.ndarray) -> np.ndarray:
 
 
 def _factored_inner(a: Factored, b: Factored) -> float:
+    # float64 throughout: re-parameterised factors (U·G, G⁻¹·V with an
+    # ill-conditioned G) cancel heavily in the trace, and float32 Gram products
+    # then lose the third decimal of the cosine
     uu = _f64(a.up).T @ _f64(b.up)
     vv = _f64(a.down) @ _f64(b.down).T
     return float(a.scale * b.scale * np.sum(uu * vv))
@@ -72,6 +75,19 @@ def sq_norm(a: Delta) -> float:
     return inner(a, a)
 
 
+def module_sq_norms(ld: LoraDelta) -> dict[str, float]:
+    """``‖ΔW_m‖²`` of every additive module, computed once per LoraDelta and kept on it.
+
+    A query is compared with many candidates and a cached candidate with many
+    queries: the norms are the same each time.
+    """
+    cached = ld.cache.get("sq_norms")
+    if cached is None:
+        cached = {n: sq_norm(d) for n, d in ld.modules.items() if not isinstance(d, NeedsBase)}
+        ld.cache["sq_norms"] = cached
+    return cached
+
+
 @dataclass
 class Comparison:
     """How two LoraDeltas relate over the modules they share."""
@@ -102,11 +118,11 @@ def compare(a: LoraDelta, b: LoraDelta) -> Comparison:
     same_family = a.family == b.family
     shared = [k for k in a.modules if k in b.modules and same_family and comparable(a.modules[k], b.modules[k])]
     dot = na = nb = 0.0
+    norms_a, norms_b = module_sq_norms(a), module_sq_norms(b)
     for k in shared:
-        da, db = a.modules[k], b.modules[k]
-        dot += inner(da, db)
-        na += sq_norm(da)
-        nb += sq_norm(db)
+        dot += inner(a.modules[k], b.modules[k])
+        na += norms_a[k]
+        nb += norms_b[k]
     cos = dot / np.sqrt(na * nb) if na > 0 and nb > 0 else None
     coef = dot / na if na > 0 else None
     only_a = len([k for k in a.modules if k not in shared])
