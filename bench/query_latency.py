@@ -59,6 +59,7 @@ from common import REPO, command_line, machine, md_table, today, write_section  
 DIM = 1024
 K = 10
 CHUNK = 20_000  # Store._build's chunk size
+CANDIDATES = 50  # search.query's FAISS request: k (10) × overfetch (5)
 TARGETS = {100_000: (2.0, 0.99, None), 1_000_000: (10.0, 0.95, 2 * 2**30)}  # p50 ms, recall@10, RSS bytes
 
 
@@ -266,7 +267,7 @@ def run_sweep(vi: Any, base: Any, plan: Plan, q: np.ndarray, gt: np.ndarray, src
     try:
         for i in range(min(20, len(q))):
             _query(vi, q[i], K, fd)
-        lat, ann, rec, dup = [], [], [], []
+        lat, ann, rec, dup, cand = [], [], [], [], []
         for i in range(len(q)):
             t0 = time.perf_counter()
             ids, t_ann = _query(vi, q[i], K, fd)
@@ -275,13 +276,17 @@ def run_sweep(vi: Any, base: Any, plan: Plan, q: np.ndarray, gt: np.ndarray, src
             rec.append(len(set(ids.tolist()) & set(gt[i].tolist())) / K)
             if src[i] and gt[i][0] == src[i]:
                 dup.append(bool(len(ids) and ids[0] == src[i]))
+        for i in np.nonzero((src > 0) & (gt[:, 0] == src))[0]:  # search.query asks k × overfetch candidates
+            ids, _ = _query(vi, q[i], CANDIDATES, fd)
+            cand.append(bool(src[i] in ids))
     finally:
         os.close(fd)
     ms = np.asarray(lat) * 1e3
     return {"setting": setting, "threads": threads, "p50": float(np.percentile(ms, 50)),
             "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean()),
             "ann_p50": float(np.percentile(np.asarray(ann) * 1e3, 50)), "recall": float(np.mean(rec)),
-            "dup_at_1": float(np.mean(dup)) if dup else None, "dup_n": len(dup), "queries": len(q)}
+            "dup_at_1": float(np.mean(dup)) if dup else None, "dup_n": len(dup), "queries": len(q),
+            "dup_in_candidates": float(np.mean(cand)) if cand else None}
 
 
 def child(plan: Plan) -> dict[str, Any]:
@@ -344,20 +349,18 @@ def child(plan: Plan) -> dict[str, Any]:
 # --------------------------------------------------------------------------- parent
 
 
-def sweep_for(kind: str, quick: bool) -> list[dict[str, Any]]:
+def sweep_for(kind: str, quick: bool, efs: list[int], nprobes: list[int], refines: list[int]) -> list[dict[str, Any]]:
     """Search settings to measure per index type; the policy default first, measured with both thread counts."""
-    from lorasearch.store import HNSW_EF_SEARCH, IVF_REFINE_FACTOR
+    from lorasearch.store import HNSW_EF_SEARCH
 
     if kind == "flat":
         return [{"both_threads": True}]
     if kind == "hnsw":
-        efs = [HNSW_EF_SEARCH] + ([] if quick else [64, 128, 512])
-        return [{"ef_search": e, "both_threads": e == HNSW_EF_SEARCH} for e in efs]
+        return [{"ef_search": HNSW_EF_SEARCH, "both_threads": True}] + (
+            [] if quick else [{"ef_search": e} for e in efs if e != HNSW_EF_SEARCH])
     out: list[dict[str, Any]] = [{"both_threads": True}]
     if not quick:
-        for npr in (16, 32, 64, 128):
-            for rf in (IVF_REFINE_FACTOR, 20, 50):
-                out.append({"nprobe_value": npr, "refine_factor": rf})
+        out += [{"nprobe_value": npr, "refine_factor": rf} for npr in nprobes for rf in refines]
     return out
 
 
@@ -453,6 +456,10 @@ def sqlite_refine_cost(tmp: Path, rows: int, fetch: int, dim: int, reps: int = 2
             "vectors_p99": float(np.percentile(t_vec, 99) * 1e3), "live_p50": float(np.median(t_live) * 1e3)}
 
 
+def _ints(csv: str) -> list[int]:
+    return [int(x) for x in csv.split(",") if x]
+
+
 def _gib(b: float) -> str:
     return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
 
@@ -483,7 +490,8 @@ def report_size(n: int, prep: dict[str, Any], res: dict[str, Any], as_is: dict[s
                      + (f" nlist {idx['nlist']}" if "nlist" in idx else ""),
                      _setting_name(r, res["policy"], kind, idx.get("nlist")), r["threads"],
                      f"{r['p50']:.3f}", f"{r['p99']:.3f}", f"{r['ann_p50']:.3f}", f"{r['recall']:.4f}",
-                     "-" if r["dup_at_1"] is None else f"{r['dup_at_1']:.3f}"])
+                     "-" if r["dup_at_1"] is None else f"{r['dup_at_1']:.3f}",
+                     "-" if r.get("dup_in_candidates") is None else f"{r['dup_in_candidates']:.3f}"])
     notes = [
         f"**{n:,}** vectors: {kind}"
         + (f" ({idx['quantizer']} coarse quantizer, nlist {idx['nlist']}, codes {idx['codec']}, trained on "
@@ -537,6 +545,11 @@ def main() -> None:
     ap.add_argument("--nlist", type=int, default=4096, help="IVF lists where the policy's plan is over budget")
     ap.add_argument("--train-max", type=int, default=131_072,
                     help="cap on IVF training vectors where the policy's plan is over budget")
+    ap.add_argument("--codec", default="", help="IVF code type where the policy's plan is over budget (default: the policy's)")
+    ap.add_argument("--ef-construction", type=int, default=0, help="HNSW efConstruction (default: the policy's)")
+    ap.add_argument("--efs", default="64,128,512", help="HNSW efSearch values swept besides the default")
+    ap.add_argument("--nprobes", default="16,32,64,128,256", help="IVF nprobe values swept")
+    ap.add_argument("--refines", default="10,20,50", help="IVF refine factors swept")
     ap.add_argument("--sqlite-rows", type=int, default=100_000, help="rows of the SQLite refine-cost store")
     ap.add_argument("--tmp", type=Path, default=None)
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
@@ -572,10 +585,15 @@ def main() -> None:
                 as_is["over_budget"] = True
                 over["nlist_value"] = args.nlist
                 train_max = args.train_max
+                if args.codec:
+                    over["codec_value"] = args.codec
+            if args.ef_construction and as_is["kind"] == "hnsw":
+                over["ef_construction"] = args.ef_construction
             prep = prepare(tmp, model, n, nq)
             plan = Plan(n=n, dim=DIM, data=str(prep["data"]), queries=str(prep["dir"] / "queries.npy"),
                         gt=str(prep["dir"] / "gt.npz"), tmp=str(prep["dir"]), policy=over, train_max=train_max,
-                        sweep=sweep_for(as_is["kind"], args.quick), threads=threads)
+                        sweep=sweep_for(as_is["kind"], args.quick, _ints(args.efs), _ints(args.nprobes),
+                                        _ints(args.refines)), threads=threads)
             res = run_child(plan, timeout=3600)
             rows, nn = report_size(n, prep, res, as_is, plan)
             table += rows
@@ -595,8 +613,10 @@ def main() -> None:
         "Latency = what `Store.search` does in FAISS (+ the exact re-score of IVF-PQ candidates, read from the "
         "vector file); *ANN p50* = `VectorIndex.search` alone. recall@10 = overlap with the exact top-10 "
         "(IndexFlatIP). *dup@1* = share of near-duplicate queries whose planted source (when it is the exact "
-        "top-1) comes back first. Threads: faiss OpenMP threads during the queries.",
-        md_table(["stored", "index", "setting", "threads", "p50 ms", "p99 ms", "ANN p50 ms", "recall@10", "dup@1"], table),
+        "top-1) comes back first; *dup in top 50* = it is among the 50 candidates `search.query` asks FAISS for "
+        "(k × overfetch) before its exact re-ranking. Threads: faiss OpenMP threads during the queries.",
+        md_table(["stored", "index", "setting", "threads", "p50 ms", "p99 ms", "ANN p50 ms", "recall@10", "dup@1",
+                  f"dup in top {CANDIDATES}"], table),
         "\n".join(notes),
         "Targets (single thread; RSS = the child's peak, build included):",
         md_table(["stored", "row", "setting", "p50", "recall@10", "RSS"], targets or [["-"] * 6]),

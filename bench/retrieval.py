@@ -50,7 +50,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -86,7 +86,6 @@ class RawLora:
     metadata: dict[str, str]
     config: dict[str, Any] | None = None
     note: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def read_raw(path: Path) -> RawLora:
@@ -392,11 +391,15 @@ def originals(store: Store, paths: list[Path]) -> list[Original]:
 
 def exact_cosines(q: LoraDelta, orig: LoraDelta) -> dict[str, float | None]:
     """Exact ΔW cosine of a copy to its original: over shared modules (what ``compare`` and the
-    delta re-ranking score) and over all modules of both (a missing module counts as zero)."""
+    delta re-ranking score) and over all modules of both (a missing module counts as zero).
+
+    Properties of the file's content: computed under the original's family even where the
+    copy's family was detected otherwise (compare() shares nothing across families)."""
+    q = q if q.family == orig.family else replace(q, family=orig.family)
     c = compare(q, orig)
     nq, no = compare(q, q).norm_a, compare(orig, orig).norm_a
     full = c.dot / (nq * no) if nq > 0 and no > 0 else None
-    return {"exact_cosine": c.cosine, "full_cosine": full}
+    return {"exact_cosine": c.cosine, "full_cosine": full, "coefficient": c.coefficient}
 
 
 def run_query(store: Store, ld: LoraDelta, orig: Original, view: str) -> dict[str, Any]:
@@ -480,7 +483,7 @@ def per_transform(records: list[dict[str, Any]]) -> list[list[Any]]:
         rs = [r for r in records if r["transform"] == t and "skipped" not in r]
         skipped = [r for r in records if r["transform"] == t and "skipped" in r]
         if not rs:
-            rows.append([t, 0, *["-"] * 8, len(skipped)])
+            rows.append([t, 0, *["-"] * 9, len(skipped)])
             continue
         cells: list[Any] = [t, len(rs)]
         for v in VIEWS:
@@ -489,8 +492,10 @@ def per_transform(records: list[dict[str, Any]]) -> list[list[Any]]:
         margins = [r["delta"]["margin"] for r in rs if r["delta"]["margin"] is not None]
         cos = [r["exact_cosine"] for r in rs if r["exact_cosine"] is not None]
         full = [r["full_cosine"] for r in rs if r["full_cosine"] is not None]
+        coef = [r["coefficient"] for r in rs if r["coefficient"] is not None]
         cells += [f"{min(margins):.3f}" if margins else "-", f"{min(cos):.3f}" if cos else "-",
                   f"{min(full):.3f} / {median(full):.3f}" if full else "-",
+                  f"{min(coef):.3f} – {max(coef):.3f}" if coef else "-",
                   f"{median(r['delta']['seconds'] for r in rs) * 1e3:.0f}",
                   f"{median(r['paper']['seconds'] for r in rs) * 1e3:.0f}", len(skipped)]
         rows.append(cells)
@@ -498,7 +503,8 @@ def per_transform(records: list[dict[str, Any]]) -> list[list[Any]]:
 
 
 HEADERS = ["transform", "queries", "delta recall@1", "style recall@1", "paper recall@1", "delta min margin",
-           "min exact cos (shared modules)", "exact cos, all modules (min / median)", "delta ms (median)",
+           "min exact cos (shared modules)", "exact cos, all modules (min / median)", "ΔW ratio original ÷ copy",
+           "delta ms (median)",
            "paper ms (median)", "not applicable"]
 
 
@@ -589,7 +595,9 @@ def main() -> None:
         md_table(HEADERS, per_transform(recs)),
         "*margin* = score of the original − best other score in the delta results (exact Frobenius cosines "
         "over shared modules, as `search.query` scores them); *exact cos* = exact ΔW cosine of the copy to its "
-        "original, over the modules both have and over all modules (a missing module counts as zero). `paper` = the paper's flattened factors + "
+        "original, over the modules both have and over all modules (a missing module counts as zero); *ΔW ratio* = "
+        "least-squares c in ΔW_original ≈ c·ΔW_copy over shared modules (checks that each writer kept the scale: "
+        "2 for scale0.5, 1 elsewhere). `paper` = the paper's flattened factors + "
         "PCA over the indexed LoRAs with the copy's factor shapes (`search.query(view=\"paper\")`): a copy whose "
         "factor shapes differ from every indexed LoRA (rank/2, no-attn2) is not comparable and counts as a miss.",
         "Ties: " + ("; ".join(" = ".join(f"`{n}`" for n in g) for g in tie_groups(origs)) or "none")

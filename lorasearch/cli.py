@@ -274,6 +274,42 @@ def serve(
                log_level=log_level)
 
 
+@app.command()
+@handles_errors
+def attribute(
+    target: str = typer.Argument(..., help="A LoRA file or PEFT folder, a full checkpoint (file or diffusers folder), a folder of those, or hf:owner/name[@rev]."),
+    db: Path = typer.Option(..., "--db", help="Store directory."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model of a full checkpoint: local file/diffusers folder or hub id (default: the hub model card's base_model)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable JSON."),
+    max_fpr: float = typer.Option(1e-4, "--max-fpr", min=0.0, max=1.0, help="A component counts when its calibrated false-positive rate is at most this."),
+    min_cosine: float = typer.Option(0.1, "--min-cosine", min=0.0, max=1.0, help="... and its (partial) cosine with the target is at least this."),
+    max_components: int = typer.Option(6, "--max-components", min=1, max=64, help="Most components of a merge."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hugging Face Hub endpoint (default: $HF_ENDPOINT or the public hub)."),
+) -> None:
+    """Does TARGET derive from indexed LoRAs (re-upload, conversion, resize, further training) or merge several, at what weight, and how sure?"""
+    from lorasearch.attribution import Thresholds
+    from lorasearch.attribution import attribute as run_attribution
+
+    th = Thresholds(max_fpr=max_fpr, min_cosine=min_cosine, max_components=max_components)
+    store = _open_store(db)
+    try:
+        res = run_attribution(store, target, base=base, thresholds=th, endpoint=endpoint)
+    finally:
+        store.close()
+    for f in res["per_file"]:
+        if f.get("message"):
+            _err(f"note: {f['path']}: {f['message']}")
+        if f.get("error"):
+            _err(f"skipped {f['path']}: {f['error']['message']}")
+    if as_json:
+        _emit(res)
+        return
+    print(f"{res['target']}: {res['verdict']} (family {res['family']}, explained {res['explained']:.3f})")
+    for m in res["matches"]:
+        cos = "n/a" if m["cosine"] is None else f"{m['cosine']:+.4f}"
+        print(f"  #{m['id']:<6} coefficient {m['coefficient']:+.4f}  cosine {cos}  fpr {m['fpr']:.2g}  {m['name']}  ({m['path']})")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
