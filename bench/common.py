@@ -113,7 +113,8 @@ def machine() -> str:
         load = "load average %.1f" % os.getloadavg()[0]
     except OSError:  # pragma: no cover
         load = "load average ?"
-    return (f"{cpu}, {os.cpu_count()} cores ({load} at the end of the run), {BENCH_THREADS} BLAS/torch thread(s), "
+    ram = f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
+    return (f"{cpu}, {os.cpu_count()} cores, {ram} ({load} at the end of the run), {BENCH_THREADS} BLAS/torch thread(s), "
             f"Linux {platform.release()}, Python {platform.python_version()}, numpy {np.__version__}, torch {tv}")
 
 

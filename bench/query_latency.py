@@ -532,7 +532,7 @@ def check_targets(n: int, res: dict[str, Any]) -> list[list[Any]]:
     best = min(ok, key=lambda r: r["p50"]) if ok else None
     rss = res["mem_end"]["peak"]
     rows = []
-    for label, r in (("policy default", default), ("best measured", best)):
+    for label, r in (("search defaults", default), ("best measured", best)):
         if r is None:
             rows.append([f"{n:,}", label, "none meets both", "", "", ""])
             continue

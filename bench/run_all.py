@@ -1,9 +1,14 @@
-"""Run every benchmark of bench/ in sequence: sketch_error, embed_cost, retrieval, throughput, query_latency.
+"""Run every benchmark of bench/ in sequence: sketch_error, embed_cost, retrieval, throughput, query_latency, then the others.
 
 Each runs as its own process (``python bench/<name>.py``), its output streamed
-as it comes. ``--quick`` runs each in its seconds-long mode (the smoke test's
-mode; ``--quick`` where the benchmark has it, otherwise its smallest settings)
-and never writes BENCHMARKS.md; ``--write`` lets each replace its own section.
+as it comes. Besides the five core benchmarks, every other ``bench/*.py``
+script (except ``common.py`` and this one) runs after them, in name order.
+
+``--quick`` runs the core five in their seconds-long mode (``--quick`` where
+the benchmark has it, otherwise its smallest settings; the smoke test's mode)
+and never writes BENCHMARKS.md; the other scripts are left out of ``--quick``
+unless named with ``--only`` (their quick modes take minutes, or they have
+none). ``--write`` lets each benchmark replace its own section.
 
 Run: ``python bench/run_all.py [--quick] [--write] [--only a,b] [--skip a,b]``.
 """
@@ -18,12 +23,21 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 ORDER = ("sketch_error", "embed_cost", "retrieval", "throughput", "query_latency")
+NOT_BENCHMARKS = {"common", "run_all"}
 # Smallest settings of benchmarks that have no --quick (used only when their script lacks --quick;
 # a flag is passed only if the script defines it).
 QUICK_FALLBACK: dict[str, list[str]] = {
     "sketch_error": ["--draws", "1"],
     "embed_cost": ["--repeats", "1", "--sdxl-repeats", "1", "--skip-sdxl"],
+    "http_latency": ["--requests", "6"],
 }
+
+
+def discover() -> list[str]:
+    """The core benchmarks in their order, then every other script of bench/ by name."""
+    others = sorted(p.stem for p in BENCH.glob("*.py") if p.stem not in NOT_BENCHMARKS and p.stem not in ORDER
+                    and not p.stem.startswith("_"))
+    return [n for n in ORDER if (BENCH / f"{n}.py").is_file()] + others
 
 
 def _defines(script: Path, flag: str) -> bool:
@@ -77,12 +91,16 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated benchmarks to leave out")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per benchmark")
     args = ap.parse_args()
+    known = discover()
     only = [s for s in args.only.split(",") if s]
     skip = {s for s in args.skip.split(",") if s}
-    unknown = [s for s in [*only, *skip] if s not in ORDER]
+    unknown = [s for s in [*only, *skip] if s not in known]
     if unknown:
-        raise SystemExit(f"unknown benchmark(s): {', '.join(unknown)} (known: {', '.join(ORDER)})")
-    names = [n for n in (only or ORDER) if n not in skip]
+        raise SystemExit(f"unknown benchmark(s): {', '.join(unknown)} (known: {', '.join(known)})")
+    default = [n for n in known if n in ORDER] if args.quick else known
+    names = [n for n in (only or default) if n not in skip]
+    if args.quick and not only and len(default) < len(known):
+        print(f"--quick leaves out {', '.join(n for n in known if n not in default)} (run them with --only)", flush=True)
     summary = []
     for name in names:
         rc, secs = run(name, bench_args(name, args.quick, args.write), args.timeout)

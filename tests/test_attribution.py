@@ -318,3 +318,11 @@ def test_without_file_copies_decides_in_sketch_space(world: World, tmp_path: Pat
         assert res["per_file"][0]["calibration"]["sd15"]["exact"] is False
     finally:
         store.close()
+
+
+def test_negative_weight_found_beyond_the_overfetch(world: World) -> None:
+    """FAISS ranks by inner product: a component merged with a negative weight is found by the negated query."""
+    target = dv.merge_concat([(world.lds[HIRVITA], 0.8), (world.lds[CATUND], -0.5)])
+    res = attribute(world.store, target, thresholds=Thresholds(overfetch=3, shortlist=4))
+    assert {m["id"]: m["coefficient"] for m in res["matches"]} == pytest.approx(
+        {world.ids[HIRVITA]: 0.8, world.ids[CATUND]: -0.5}, abs=1e-3)
