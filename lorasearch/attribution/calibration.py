@@ -351,7 +351,18 @@ def _load_many(store: Any, ids: list[int], cache: Any) -> list[LoraDelta] | None
     from lorasearch.search import DeltaCache
 
     cache = cache if cache is not None else DeltaCache()
-    rows = store.get_many(ids)
+    return load_blobs(store, ids, store.get_many(ids), cache)
+
+
+def load_blobs(store: Any, ids: list[int], rows: dict[int, dict[str, Any]], cache: Any) -> list[LoraDelta] | None:
+    """The LoRAs ``ids`` loaded from their stored file copies, or None when any copy is missing or damaged.
+
+    Args:
+        store: an open store.
+        ids: LoRA row ids.
+        rows: ``store.get_many(ids)`` (for the sha256 cache keys).
+        cache: a ``search.DeltaCache``.
+    """
     out = []
     for i in ids:
         path = store.blob_path(i)
@@ -360,7 +371,7 @@ def _load_many(store: Any, ids: list[int], cache: Any) -> list[LoraDelta] | None
             return None
         try:
             out.append(cache.get(sha, path))
-        except Exception:  # noqa: BLE001 - a damaged copy: fall back to sketches for the whole family
+        except Exception:  # noqa: BLE001 - a damaged copy: the caller falls back to sketches
             return None
     return out
 

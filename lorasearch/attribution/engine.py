@@ -430,20 +430,6 @@ def candidate_families(store: Any, target: Target) -> list[str]:
     return out
 
 
-def _load_blobs(store: Any, ids: list[int], rows: dict[int, dict[str, Any]], cache: DeltaCache) -> list[LoraDelta] | None:
-    out = []
-    for i in ids:
-        path = store.blob_path(i)
-        sha = rows.get(i, {}).get("file_sha256")
-        if path is None or not sha:
-            return None
-        try:
-            out.append(cache.get(sha, path))
-        except Exception:  # noqa: BLE001 - a damaged copy: sketch scores for this target
-            return None
-    return out
-
-
 def _sq_total(store: Any, i: int) -> float:
     sf = store.sketch_file(i)
     return float(np.sum(np.asarray(sf.norms, dtype=np.float64) ** 2)) if sf is not None else 0.0
@@ -497,7 +483,7 @@ def _attribute_target(store: Any, target: Target, th: Thresholds | None, exclude
     out["candidates"] = sum(r.pool for r in results)
     ids = list(dict.fromkeys(i for r in results for i in r.shortlist))
     rows = store.get_many(ids)
-    lds = _load_blobs(store, ids, rows, cache)
+    lds = calib.load_blobs(store, ids, rows, cache)
     if lds is not None:
         stats = exact_stats(target, ids, lds)
     else:  # no file copies: decide in sketch space, within the best family only (sketch seeds differ by family)
