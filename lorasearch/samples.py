@@ -35,11 +35,24 @@ def train_lora(steps: int = 6, seed: int = 0, rank: int = RANK, alpha: int = ALP
     unet = make_tiny_unet(0)
     torch.manual_seed(seed)
     pm = get_peft_model(unet, LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS))
-    g = torch.Generator().manual_seed(seed)
+    train_steps(pm, steps, data_seed=seed)
+    return pm
+
+
+def train_steps(pm: Any, steps: int, data_seed: int, lr: float = 1e-2) -> None:
+    """``steps`` Adam steps of a peft-wrapped tiny UNet on the random data of ``data_seed`` (fresh optimiser).
+
+    Args:
+        pm: the peft model (its trainable parameters are the adapter's).
+        steps: optimizer steps.
+        data_seed: seeds the inputs, conditioning and targets (the LoRA's own training set).
+        lr: learning rate.
+    """
+    g = torch.Generator().manual_seed(data_seed)
     x = torch.randn(2, 4, 8, 8, generator=g)
     ctx = torch.randn(2, 3, 32, generator=g)
     target = torch.randn(2, 4, 8, 8, generator=g)
-    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=lr)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on 2 shared cores, intra-op threads make these tiny steps 100x slower
     try:
@@ -50,7 +63,6 @@ def train_lora(steps: int = 6, seed: int = 0, rank: int = RANK, alpha: int = ALP
             opt.step()
     finally:
         torch.set_num_threads(threads)
-    return pm
 
 
 def peft_state_dict(pm: Any) -> dict[str, torch.Tensor]:

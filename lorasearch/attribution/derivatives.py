@@ -226,26 +226,12 @@ def continue_training(adapter: str | Path, out: str | Path, steps: int, data_see
     Returns:
         the output adapter folder.
     """
-    import torch
     from peft import PeftModel
 
+    from lorasearch.samples import train_steps
     from lorasearch.tinymodels import make_tiny_unet
 
     pm = PeftModel.from_pretrained(make_tiny_unet(0), str(adapter), is_trainable=True)
-    g = torch.Generator().manual_seed(data_seed)
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    ctx = torch.randn(2, 3, 32, generator=g)
-    target = torch.randn(2, 4, 8, 8, generator=g)
-    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=lr)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(steps):
-            opt.zero_grad()
-            pred = pm.base_model.model(x, torch.tensor([10, 500]), encoder_hidden_states=ctx).sample
-            torch.nn.functional.mse_loss(pred, target).backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
+    train_steps(pm, steps, data_seed, lr)
     pm.save_pretrained(str(out))
     return Path(out)
