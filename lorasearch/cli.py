@@ -310,6 +310,12 @@ def attribute(
         print(f"  #{m['id']:<6} coefficient {m['coefficient']:+.4f}  cosine {cos}  fpr {m['fpr']:.2g}  {m['name']}  ({m['path']})")
 
 
+# Imported last: command modules use the helpers defined above.
+from lorasearch.commands import register_all  # noqa: E402
+
+register_all(app)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
