@@ -85,6 +85,28 @@ def _print_info(d: dict[str, Any]) -> None:
         lines.append(f"  alpha      {alpha}")
     for w in d["reader"].get("warnings", []):
         lines.append(f"  warning    {w}")
+    fc = d.get("family_candidates") or {}
+    if fc.get("ambiguous"):
+        lines.append(f"  ambiguous  fits {', '.join(fc['tied'])} equally (partial LoRA); chose {d['family']} by {fc.get('decided_by')}")
+    for c in d.get("checks", []):
+        mark = {True: "ok", False: "MISMATCH", None: "unverified"}[c["ok"]]
+        lines.append(f"  check      {mark:<10} {c['field']} = {c['header']}: {c['message']}")
+    tr = d.get("training") or {}
+    if tr.get("trigger_words"):
+        lines.append(f"  triggers   {', '.join(tr['trigger_words'])}")
+    if tr.get("top_tags"):
+        lines.append(f"  tags       {', '.join(f'{t} ({n})' for t, n in tr['top_tags'][:10])}")
+    if tr.get("output_name"):
+        lines.append(f"  output     {tr['output_name']}")
+    sb = d.get("base_suggestion")
+    if sb is not None:
+        if sb.get("base"):
+            lines.append(f"  base       {sb['base']} (vote share {sb['confidence']:.2f} of {sb['voters']} labelled neighbours)")
+        else:
+            lines.append(f"  base       unknown ({sb.get('message', 'no labelled neighbours')})")
+        if sb.get("hub_base_model"):
+            why = "the vote" if sb.get("hub_base_model_from") == "vote" else "the family's reference model"
+            lines.append(f"  base_model {sb['hub_base_model']}  (model-card value, from {why})")
     print("\n".join(lines))
 
 
@@ -94,36 +116,47 @@ def info(
     path: Path = typer.Argument(..., help="A LoRA .safetensors file, a PEFT adapter folder, or a folder to scan."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable JSON (JSON lines for a folder)."),
     config: Optional[Path] = typer.Option(None, "--config", help="PEFT adapter_config.json to use for a bare weights file."),
+    db: Optional[Path] = typer.Option(None, "--db", help="Store directory: suggest the base model from the nearest indexed LoRAs."),
+    k: int = typer.Option(10, "-k", "--k", min=1, max=1000, help="Neighbours that vote on the base model (with --db)."),
 ) -> None:
-    """Describe a LoRA: format, base-model family, modules, rank, dtype, hashes."""
+    """Describe a LoRA: format, base-model family, modules, rank, dtype, hashes, header checks, trigger words."""
     from lorasearch.formats import find_loras, load_lora
     from lorasearch.formats.load import PEFT_WEIGHTS
+    from lorasearch.header_checks import info_extras
     from lorasearch.report import info_dict
 
-    if path.is_dir() and not (path / PEFT_WEIGHTS).is_file():
-        read = refused = 0
-        for item in find_loras(path):
-            try:
-                d = info_dict(load_lora(item))
-            except BadInput as exc:
-                refused += 1
-                _err(f"refused: {exc}")
-                if as_json:
-                    _emit({"path": str(item), "error": {"code": exc.code, "message": str(exc)}})
-                continue
-            read += 1
-            _emit(d) if as_json else _print_info(d)
-        if read == 0 and refused == 0:
-            raise BadInput(
-                f"{path}: not a PEFT adapter (no adapter_model.safetensors) and no .safetensors files inside",
-                code="not_a_lora",
-            )
-        _err(f"{path}: read {read} LoRA(s), refused {refused}")
-        if read == 0:
-            raise BadInput(f"{path}: no readable LoRA found ({refused} refused)", code="not_a_lora")
-        return
-    d = info_dict(load_lora(path, config=config))
-    _emit(d) if as_json else _print_info(d)
+    def describe(ld: Any) -> dict[str, Any]:
+        return info_dict(ld) | info_extras(ld, store, k)
+
+    store = _open_store(db) if db is not None else None
+    try:
+        if path.is_dir() and not (path / PEFT_WEIGHTS).is_file():
+            read = refused = 0
+            for item in find_loras(path):
+                try:
+                    d = describe(load_lora(item))
+                except BadInput as exc:
+                    refused += 1
+                    _err(f"refused: {exc}")
+                    if as_json:
+                        _emit({"path": str(item), "error": {"code": exc.code, "message": str(exc)}})
+                    continue
+                read += 1
+                _emit(d) if as_json else _print_info(d)
+            if read == 0 and refused == 0:
+                raise BadInput(
+                    f"{path}: not a PEFT adapter (no adapter_model.safetensors) and no .safetensors files inside",
+                    code="not_a_lora",
+                )
+            _err(f"{path}: read {read} LoRA(s), refused {refused}")
+            if read == 0:
+                raise BadInput(f"{path}: no readable LoRA found ({refused} refused)", code="not_a_lora")
+            return
+        d = describe(load_lora(path, config=config))
+        _emit(d) if as_json else _print_info(d)
+    finally:
+        if store is not None:
+            store.close()
 
 
 @app.command()
@@ -179,15 +212,39 @@ def index(
     no_keep_files: bool = typer.Option(False, "--no-keep-files", help="Do not keep content-addressed copies (queries are then re-ranked from sketches, not exactly)."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hugging Face Hub endpoint (default: $HF_ENDPOINT or the public hub)."),
     label: list[str] = typer.Option([], "--label", help="Label to attach to every LoRA indexed by this run (repeatable)."),
+    engine: str = typer.Option("local", "--engine", help="local (worker processes here) or ray (tasks on a Ray cluster)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address for --engine ray (default: start a local Ray on 127.0.0.1)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget of one index, e.g. 2GiB (sets the index type and IVF codes)."),
+    max_query_ms: Optional[float] = typer.Option(None, "--max-query-ms", min=0.01, help="Latency budget of one index search in ms (sets flat/IVF and nprobe)."),
 ) -> None:
     """Index LoRAs into a store; re-running resumes an interrupted job, and the same content twice is one entry."""
     from indexer import run_index
     from indexer.pipeline import IndexerBusy
-    from lorasearch.store import StoreError
+    import dataclasses
 
+    from lorasearch.store import Store, StoreError, parse_bytes
+
+    if engine not in ("local", "ray"):
+        raise BadInput(f"--engine must be local or ray, not {engine!r}", code="bad_parameter")
+    if address and engine != "ray":
+        raise BadInput("--address needs --engine ray", code="bad_parameter")
     try:
-        summary = run_index(sources, db, workers=workers, keep_files=not no_keep_files, progress=not as_json,
-                            endpoint=endpoint, labels=label or None)
+        if max_memory is not None or max_query_ms is not None:  # the budget is the store's: its server uses it too
+            budget: dict[str, Any] = {}
+            if max_memory is not None:
+                budget["memory_bytes"] = parse_bytes(max_memory)
+            if max_query_ms is not None:
+                budget["max_query_ms"] = float(max_query_ms)
+            with Store(db) as st:
+                st.set_policy(dataclasses.replace(st.policy, **budget))
+        if engine == "ray":
+            from indexer.ray_engine import run_index_ray
+
+            summary = run_index_ray(sources, db, address=address, keep_files=not no_keep_files, endpoint=endpoint,
+                                    labels=label or None, num_cpus=workers if workers > 1 else None)
+        else:
+            summary = run_index(sources, db, workers=workers, keep_files=not no_keep_files, progress=not as_json,
+                                endpoint=endpoint, labels=label or None)
     except (IndexerBusy, StoreError) as exc:
         _err(f"error: {exc}")
         raise typer.Exit(1) from None
@@ -310,10 +367,13 @@ def attribute(
         print(f"  #{m['id']:<6} coefficient {m['coefficient']:+.4f}  cosine {cos}  fpr {m['fpr']:.2g}  {m['name']}  ({m['path']})")
 
 
-# Imported last: command modules use the helpers defined above.
-from lorasearch.commands import register_all  # noqa: E402
+# Imported last: command modules use the helpers defined above. Under
+# ``python -m lorasearch.cli`` this file runs as ``__main__``; the commands are
+# then registered on the importable ``lorasearch.cli`` module that main() uses.
+if __name__ != "__main__":
+    from lorasearch.commands import register_all
 
-register_all(app)
+    register_all(app)
 
 
 def main() -> None:
@@ -322,4 +382,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lorasearch.cli import main as _main
+
+    _main()

@@ -485,8 +485,58 @@ def _acceptable(s: _Score, n: int) -> bool:
     return s.names >= MIN_NAME_FRACTION * n and s.shapes >= MIN_SHAPE_FRACTION * s.names and s.names > 0
 
 
-def _pick(scores: list[_Score], family_hint: str | None, meta_hints: list[str]) -> tuple[_Score, str]:
-    """Best table by (shape matches, name matches); ties go to the parser's hint, then metadata, then order."""
+_MULTI_TE_TAGS = frozenset({"te1", "te2", "te3"})
+
+
+def _tag_filter(tied: list[_Score], modules: list[RawModule]) -> list[_Score]:
+    """Narrow a tie by kohya's text-encoder tags (a partial LoRA, e.g. CLIP-L only).
+
+    sd-scripts writes ``lora_te_`` for one-encoder models (SD1.x/2.x) and
+    ``lora_te1_``/``lora_te2_``/``lora_te3_`` for several (SDXL, SD3, Flux), so a
+    ``te1`` file is not an SD1.5 one even when its CLIP-L modules fit both.
+    """
+    tags = {rm.component for rm in modules if rm.component in ("te", "te1", "te2", "te3")}
+    if not tags:
+        return tied
+    multi = bool(tags & _MULTI_TE_TAGS)
+    kept = [s for s in tied if ("te2" in _index(s.family).tags) == multi]
+    return kept or tied
+
+
+def _kind_agreement(s: _Score, modules: list[RawModule]) -> int:
+    """Modules whose stored rank (4-D conv kernel or 2-D matrix) matches the layer kind of the table."""
+    n = 0
+    for rm, e in zip(modules, s.entries):
+        ndim = len(getattr(rm.delta, "shape", ()) or ())
+        if e is not None and ((ndim == 4 and e.kind == "conv") or (ndim == 2 and e.kind == "linear")):
+            n += 1
+    return n
+
+
+def _kind_filter(tied: list[_Score], modules: list[RawModule]) -> list[_Score]:
+    """Narrow a tie by layer kind: SD1.5's 1x1-conv ``proj_in`` vs SD2's linear one have the same matrix shape."""
+    if not modules:
+        return tied
+    agree = [_kind_agreement(s, modules) for s in tied]
+    best = max(agree)
+    return [s for s, a in zip(tied, agree) if a == best]
+
+
+def tied_families(scores: list[dict[str, Any]]) -> list[str]:
+    """Families of ``Resolution.hints["candidates"]`` that fit as well as the chosen one."""
+    return [c["family"] for c in scores if c.get("tied")]
+
+
+def _candidate(s: _Score, n: int, best: tuple[int, int], tied: bool) -> dict[str, Any]:
+    reason = f"{s.names}/{n} module names in its table, {s.shapes} with its shapes"
+    if tied:
+        reason += "; fits as well as the best: these modules exist with these shapes in both models"
+    return {"family": s.family, "names": s.names, "shapes": s.shapes, "tied": tied, "reason": reason}
+
+
+def _pick(scores: list[_Score], family_hint: str | None, meta_hints: list[str],
+          modules: list[RawModule] | None = None) -> tuple[_Score, str]:
+    """Best table by (shape matches, name matches); ties go to the parser's hint, then metadata, then kohya's text-encoder tags, then order."""
     best = max((s.shapes, s.names) for s in scores)
     tied = [s for s in scores if (s.shapes, s.names) == best]
     if len(tied) == 1:
@@ -499,6 +549,12 @@ def _pick(scores: list[_Score], family_hint: str | None, meta_hints: list[str]) 
         for s in tied:
             if _agrees(s.family, hint):
                 return s, "metadata"
+    narrowed = _tag_filter(tied, modules or [])
+    if len(narrowed) < len(tied):
+        return narrowed[0], "te_tags"
+    narrowed = _kind_filter(tied, modules or [])
+    if len(narrowed) < len(tied):
+        return narrowed[0], "layer_kind"
     return tied[0], "order"
 
 
@@ -580,9 +636,13 @@ def resolve(parsed: ParsedLora, header_metadata: dict[str, str] | None = None,
     scores = _score_all(modules) if modules else []
     good = [s for s in scores if _acceptable(s, len(modules))]
     ranked = sorted(scores, key=lambda s: (-s.shapes, -s.names))
-    candidates = [{"family": s.family, "names": s.names, "shapes": s.shapes} for s in ranked[:3] if s.names]
+    top = (ranked[0].shapes, ranked[0].names) if ranked else (0, 0)
+    tied_set = {s.family for s in good if (s.shapes, s.names) == top}
+    tied_set = tied_set if len(tied_set) > 1 else set()
+    candidates = [_candidate(s, len(modules), top, s.family in tied_set)
+                  for s in ranked if s.names and (s in ranked[:3] or s.family in tied_set)]
     if good:
-        best, how = _pick(good, parsed.family_hint, meta_hints)
+        best, how = _pick(good, parsed.family_hint, meta_hints, modules)
         n = _table_resolution(best, modules)
         hints = _hints(best.family, values, parsed.family_hint, how, candidates)
         return Resolution(best.family, n.names, best.names, n.unmatched, n.mismatched, hints, n.splits, n.fused_kept)

@@ -401,7 +401,7 @@ def test_metadata_hint_disagreement_is_reported_not_obeyed() -> None:
 def test_metadata_breaks_ties_only() -> None:
     te = [mod("te", f"text_model_encoder_layers_{i}_self_attn_q_proj", 768, 768, flat=True) for i in range(12)]
     plain = families.resolve(parsed(*te))
-    assert plain.family == "sd15" and plain.hints["decided_by"] == "order"
+    assert plain.family == "sd15" and plain.hints["decided_by"] == "te_tags"  # kohya "te": a one-encoder model
     xl = families.resolve(parsed(*te), {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"})
     assert xl.family == "sdxl" and xl.hints["decided_by"] == "metadata" and xl.hints["agrees"] is True
     hinted = families.resolve(parsed(*te, hint="flux"), {"ss_base_model_version": "sdxl_base_v1-0"})
