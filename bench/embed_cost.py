@@ -82,7 +82,7 @@ def read_tensors(path: Path) -> int:
 _CACHED = (
     families._lookup_all, families._variant_list, families._fits,
     diffusers.normalise_key, diffusers.is_diffusers_key, peft.strip_adapter_name, base._suffix_buckets,
-    sketch._in_groups,
+    sketch._in_groups, sketch.module_groups,
 )
 
 

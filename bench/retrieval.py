@@ -404,16 +404,16 @@ def exact_cosines(q: LoraDelta, orig: LoraDelta) -> dict[str, float | None]:
 
 def run_query(store: Store, ld: LoraDelta, orig: Original, view: str) -> dict[str, Any]:
     """One query; hit/rank of the original (or a tie) and the margin over the best other result."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     res = query(store, ld, view=view, k=K)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.thread_time() - c0
     results = res.get("results", [])
     rank = next((i + 1 for i, r in enumerate(results) if r["id"] in orig.ties), None)
     top_tie = next((r["score"] for r in results if r["id"] in orig.ties), None)
     other = next((r["score"] for r in results if r["id"] not in orig.ties), None)
     margin = None if top_tie is None else top_tie - (other if other is not None else -1.0)
-    return {"hit": rank == 1, "rank": rank, "margin": margin, "seconds": dt, "comparable": bool(results),
-            "message": res.get("message")}
+    return {"hit": rank == 1, "rank": rank, "margin": margin, "seconds": dt, "cpu": cpu, "comparable": bool(results),
+            "message": res.get("message"), "families_searched": res.get("families_searched")}
 
 
 def measure(tmp: Path, quick: bool, seed: int) -> dict[str, Any]:
@@ -497,6 +497,7 @@ def per_transform(records: list[dict[str, Any]]) -> list[list[Any]]:
                   f"{min(full):.3f} / {median(full):.3f}" if full else "-",
                   f"{min(coef):.3f} – {max(coef):.3f}" if coef else "-",
                   f"{median(r['delta']['seconds'] for r in rs) * 1e3:.0f}",
+                  f"{median(r['delta']['cpu'] for r in rs) * 1e3:.0f}",
                   f"{median(r['paper']['seconds'] for r in rs) * 1e3:.0f}", len(skipped)]
         rows.append(cells)
     return rows
@@ -504,7 +505,7 @@ def per_transform(records: list[dict[str, Any]]) -> list[list[Any]]:
 
 HEADERS = ["transform", "queries", "delta recall@1", "style recall@1", "paper recall@1", "delta min margin",
            "min exact cos (shared modules)", "exact cos, all modules (min / median)", "ΔW ratio original ÷ copy",
-           "delta ms (median)",
+           "delta ms (median)", "delta CPU ms (median)",
            "paper ms (median)", "not applicable"]
 
 
@@ -539,6 +540,20 @@ def tie_groups(origs: list[Original]) -> list[list[str]]:
     out = [sorted(g) for g in by_row.values() if len(g) > 1]
     out += [sorted(g) for ids, g in groups.items() if len(ids) > 1 and sorted(g) not in out]
     return out
+
+
+def family_note(records: list[dict[str, Any]], origs: list[Original]) -> str:
+    """Queries read as another family than their original's, and the families the delta query searched."""
+    fam = {o.path.name: o.ld.family for o in origs}
+    odd = [r for r in records if "skipped" not in r and r["query_family"] != fam[r["file"]]]
+    multi = [r for r in records if "skipped" not in r and len(r["delta"].get("families_searched") or []) > 1]
+    if not odd and not multi:
+        return "Every copy was read as its original's family and searched only there."
+    parts = sorted({f"{r['transform']}: {fam[r['file']]} read as {r['query_family']}, searched "
+                    f"{'+'.join(r['delta'].get('families_searched') or [])}" for r in odd})
+    return (f"{len(odd)} copies were read as another family than their original's ({'; '.join(parts)}); "
+            f"{len(multi)} delta queries searched more than one family (`families_searched`: every indexed "
+            "family whose module table holds all the query's modules).")
 
 
 def min_margin_file(records: list[dict[str, Any]]) -> str:
@@ -597,7 +612,9 @@ def main() -> None:
         "over shared modules, as `search.query` scores them); *exact cos* = exact ΔW cosine of the copy to its "
         "original, over the modules both have and over all modules (a missing module counts as zero); *ΔW ratio* = "
         "least-squares c in ΔW_original ≈ c·ΔW_copy over shared modules (checks that each writer kept the scale: "
-        "2 for scale0.5, 1 elsewhere). `paper` = the paper's flattened factors + "
+        "2 for scale0.5, 1 elsewhere); *delta ms* = wall time of `query` (load_lora of the copy not included), "
+        "*CPU ms* = the querying thread's CPU time (what other jobs on a shared machine do not inflate). "
+        "`paper` = the paper's flattened factors + "
         "PCA over the indexed LoRAs with the copy's factor shapes (`search.query(view=\"paper\")`): a copy whose "
         "factor shapes differ from every indexed LoRA (rank/2, no-attn2) is not comparable and counts as a miss.",
         "Ties: " + ("; ".join(" = ".join(f"`{n}`" for n in g) for g in tie_groups(origs)) or "none")
@@ -605,6 +622,7 @@ def main() -> None:
         "A hit is the original's row (or a row with exactly its ΔW) first. The filip131311 and reddinft groups are "
         "related checkpoints (exact cosines 0.71 and 0.79), not copies, and count as different LoRAs; timohavdk's "
         f"`pytorch_lora_weights` is 0.963 to its siblings. Smallest delta margin: {min_margin_file(recs)}.",
+        family_note(recs, origs),
         "How each format conversion / attn2 removal was written:",
         md_table(["transform", "original format", "writer -> reader", "files"], format_notes(recs)),
         "Misses in the delta/style views:",

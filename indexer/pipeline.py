@@ -2,8 +2,9 @@
 
 - Workers (a ``ProcessPoolExecutor`` with the ``spawn`` context, recycled
   every ``MAX_TASKS_PER_CHILD`` items to bound memory) run ``load_lora`` and
-  ``embed`` and return picklable results; with ``workers=1`` the same work runs
-  in the parent process.
+  ``embed`` and return light picklable results (the embedding and ``summary(ld)``,
+  no factor values: the parent copies the file itself); with ``workers=1`` the
+  same work runs in the parent process.
 - The parent is the single writer: ``Store.add_many`` per batch (``batch``
   items, or fewer when their files pass ``BATCH_BYTES`` or ``FLUSH_SECONDS``
   passed), then the job table records the items as done (see ``indexer.jobs``
@@ -28,8 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
+
 from lorasearch.collection_map import update_maps
-from lorasearch.delta import LoraDelta
+from lorasearch.delta import Delta, Dense, Factored, Kronecker, LoraDelta, NeedsBase, side_shape
 from lorasearch.embed import Embedding, embed
 from lorasearch.errors import BadInput, LoraSearchError
 from lorasearch.formats.load import load_lora
@@ -39,8 +42,8 @@ from lorasearch.store import Store
 from indexer.jobs import DONE, JobTable, Outcome
 from indexer.sources import DEFAULT_SEARCH_LIMIT, Failure, WorkItem, expand_sources
 
-MAX_TASKS_PER_CHILD = 64
-BATCH_BYTES = 512 * 2**20  # results hold every factor of their LoRA: cap what waits in the parent
+MAX_TASKS_PER_CHILD = 256  # a recycled worker pays its imports and cold Gaussian caches again (~1 s)
+BATCH_BYTES = 512 * 2**20  # input bytes of the results waiting in the parent (each holds its sketches)
 FLUSH_SECONDS = 5.0
 RECORD_EVERY = 1000  # job rows (pending/skipped/failed) buffered before a write
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -77,12 +80,51 @@ def exclusive(db: str | Path) -> Iterator[None]:
 
 @dataclass
 class Result:
-    """What a worker sends back for one item: the LoRA and its embedding, or an error."""
+    """What a worker sends back for one item: the LoRA's summary and its embedding, or an error.
+
+    Light to pickle: ``ld`` is ``summary(ld)`` (every module kept with its kind,
+    rank and shape, but no factor values), which is all the store's writer
+    needs besides the embedding; the parent copies the file into the store
+    from ``ld.source["weights"]`` itself.
+    """
 
     item: WorkItem
     ld: LoraDelta | None = None
     emb: Embedding | None = None
     error: str | None = None
+
+
+def _rank_stub(r: int) -> Factored:
+    """A factored delta of rank ``r`` holding no values (0×r and r×0 factors)."""
+    return Factored(np.zeros((0, r), np.float32), np.zeros((r, 0), np.float32))
+
+
+def _stub(d: Delta) -> Delta:
+    """A delta with the same kind, rank, scale and shape, and no values."""
+    if isinstance(d, Factored):
+        return Factored(np.zeros((0, d.rank), np.float32), np.zeros((d.rank, 0), np.float32), d.scale, d.shape)
+    if isinstance(d, Kronecker):
+        r1 = d.w1.rank if isinstance(d.w1, Factored) else min(side_shape(d.w1))
+        r2 = d.w2.rank if isinstance(d.w2, Factored) else min(side_shape(d.w2))
+        return Kronecker(_rank_stub(r1), _rank_stub(r2), d.scale, d.shape)
+    if isinstance(d, Dense):
+        return Dense(_EMPTY, d.shape)
+    return NeedsBase(d.method, {}, d.shape, d.scale, d.note)
+
+
+_EMPTY = np.zeros(0, np.float32)
+
+
+def summary(ld: LoraDelta) -> LoraDelta:
+    """``ld`` without its tensors: what ``Store.add_many`` reads (family, format, module kinds, ranks,
+    metadata, source and hashes), at a few bytes per module instead of every factor.
+
+    A LoRA without a file AutoV3 is returned whole (the store then hashes its values).
+    """
+    if not ld.source.get("autov3"):
+        return ld
+    return LoraDelta(ld.family, ld.format, {n: _stub(d) for n, d in ld.modules.items()},
+                     {n: _EMPTY for n in ld.magnitudes}, ld.metadata, ld.source, ld.header_metadata)
 
 
 def process_item(item: WorkItem, k: int = DEFAULT_K, dim: int = DEFAULT_DIM) -> Result:
@@ -92,10 +134,13 @@ def process_item(item: WorkItem, k: int = DEFAULT_K, dim: int = DEFAULT_DIM) -> 
         item: the work item.
         k: sketch size.
         dim: view vector length.
+
+    Returns:
+        a picklable Result holding ``summary(ld)`` and the embedding.
     """
     try:
         ld = load_lora(item.path)
-        return Result(item, ld, embed(ld, k=k, dim=dim))
+        return Result(item, summary(ld), embed(ld, k=k, dim=dim))
     except BadInput as exc:
         return Result(item, error=str(exc))
     except MemoryError:
@@ -142,6 +187,7 @@ class _Writer:
         self.new_items: list[WorkItem] = []
         self.skipped: list[tuple[WorkItem, int]] = []
         self.failures: list[tuple[Failure, WorkItem | None]] = []
+        self.added_families: set[str] = set()  # families that got new rows in this run (their maps change)
 
     def _show(self) -> None:
         if self.bar is not None:
@@ -193,7 +239,9 @@ class _Writer:
         self.jobs.mark_committing(self.job_id, [(r.item, _autov3(r.ld)) for r in results])
         stored = self._store(results)
         outcomes = [Outcome(r.item, _autov3(r.ld), lid, new) for r, (lid, new) in stored]
-        for o in self.jobs.mark_done(self.job_id, outcomes):
+        for (r, (_, new)), o in zip(stored, self.jobs.mark_done(self.job_id, outcomes)):
+            if new and r.ld is not None:
+                self.added_families.add(r.ld.family)
             if o == "added":
                 self.tally.added += 1
             else:
@@ -390,7 +438,6 @@ def _index(sources: list[str], db: str | Path, workers: int, keep_files: bool, p
     """``run_index`` while holding the store's indexer lock."""
     store = Store(db, keep_files=keep_files)
     try:
-        gen0 = store.generation()
         jobs = JobTable(store)
         job_id, resumed = jobs.open(sources)
         k, dim = store.k or DEFAULT_K, store.dim or DEFAULT_DIM
@@ -406,8 +453,12 @@ def _index(sources: list[str], db: str | Path, workers: int, keep_files: bool, p
                 bar.close()
         jobs.finish(job_id)
         out = jobs.summary(job_id)
-        if store.generation() != gen0 or resumed:  # the web page's maps follow the index; never raises
-            update_maps(store)
+        # the web page's maps follow the index (never raises); only families with new rows change,
+        # and laying one out costs seconds (UMAP + its numba JIT): a run that added nothing skips it
+        if resumed:
+            update_maps(store)  # an interrupted run may have committed rows without refreshing
+        elif writer.added_families:
+            update_maps(store, families=sorted(writer.added_families))
     finally:
         store.close()
     out.pop("pending", None)

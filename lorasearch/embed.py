@@ -23,11 +23,11 @@ from lorasearch.sketch import (
     DEFAULT_K,
     MODULE_GROUPS,
     SKETCH_VERSION,
-    delta_vector,
+    fold_many,
     in_group,
-    module_norms,
-    sketch_lora,
-    style_vector,
+    module_groups,
+    normalise,
+    sketch_and_norms,
 )
 
 VIEW_DELTA = "delta"
@@ -103,15 +103,19 @@ def view_vectors(sketches: Mapping[str, np.ndarray], norms: Mapping[str, float],
     Returns:
         view name -> float32 unit vector.
     """
-    out: dict[str, np.ndarray] = {}
     live = {n: z for n, z in sketches.items() if norms.get(n, 0.0) > 0}
     if not live:
-        return out
-    out[VIEW_DELTA] = delta_vector(live, dim)
-    out[VIEW_STYLE] = style_vector(live, norms, dim)
+        return {}
+    # one fold_many for every view: the signed products and buckets are formed once
+    # (each vector is bit for bit what its own delta_vector / style_vector call gives)
+    inv = {n: 1.0 / norms[n] for n in live}
+    weights: dict[str, Mapping[str, float] | None] = {VIEW_DELTA: None, VIEW_STYLE: inv}
+    member = {n: module_groups(n) for n in inv}
     for g, name in GROUP_VIEWS.items():
-        if any(in_group(n, (g,)) for n in live):
-            out[name] = style_vector(live, norms, dim, (g,))
+        if any(g in m for m in member.values()):
+            weights[name] = {n: (x if g in member[n] else 0.0) for n, x in inv.items()}
+    folded = fold_many(live, list(weights.values()), dim)
+    out = {v: normalise(x) for v, x in zip(weights, folded)}
     return {v: x.astype(np.float32) for v, x in out.items() if float(np.linalg.norm(x)) > 0}
 
 
@@ -126,9 +130,7 @@ def embed(ld: LoraDelta, k: int = DEFAULT_K, dim: int = DEFAULT_DIM) -> Embeddin
     Returns:
         the Embedding (modules that need the base weights are not sketched).
     """
-    sketches = sketch_lora(ld, k)
-    norms = module_norms(ld)
-    norms = {n: norms.get(n, 0.0) for n in sketches}
+    sketches, norms = sketch_and_norms(ld, k)
     return Embedding(ld.family, k, dim, sketches, norms, view_vectors(sketches, norms, dim))
 
 
@@ -155,28 +157,41 @@ def sketch_cosine(
         (cosine or None when nothing is comparable, shared module count).
     """
     gs = _check_groups(groups)
-    ia = {n: i for i, n in enumerate(a[0]) if view == VIEW_DELTA or in_group(n, gs)}
-    ib = {n: i for i, n in enumerate(b[0]) if view == VIEW_DELTA or in_group(n, gs)}
-    shared = [n for n in ia if n in ib and a[1][ia[n]].shape == b[1][ib[n]].shape]
+    keep = (lambda n: True) if view == VIEW_DELTA or gs is None else (lambda n: in_group(n, gs))
+    ia = {n: i for i, n in enumerate(a[0]) if keep(n)}
+    ib = {n: i for i, n in enumerate(b[0]) if keep(n)}
+    pa, pb = [], []
+    for n, i in ia.items():
+        j = ib.get(n)
+        if j is not None:
+            pa.append(i)
+            pb.append(j)
+    if pa and a[1].shape[1:] != b[1].shape[1:]:  # sketches of another k: nothing comparable
+        pa, pb = [], []
     if view == VIEW_DELTA:
-        za = np.stack([a[1][ia[n]] for n in shared]).astype(np.float64) if shared else np.zeros(0)
-        zb = np.stack([b[1][ib[n]] for n in shared]).astype(np.float64) if shared else np.zeros(0)
-        return _cos(float(np.sum(za * zb)), float(np.sum(za * za)), float(np.sum(zb * zb))), len(shared)
-    wa = _unit_modules(a, ia)
-    wb = _unit_modules(b, ib)
-    dot = sum(float(np.sum(wa[n] * wb[n])) for n in shared)
-    na = sum(float(np.sum(z * z)) for z in wa.values())
-    nb = sum(float(np.sum(z * z)) for z in wb.values())
-    return _cos(dot, na, nb), len(shared)
+        if not pa:
+            return None, 0
+        za = np.asarray(a[1][pa], dtype=np.float64).reshape(len(pa), -1)
+        zb = np.asarray(b[1][pb], dtype=np.float64).reshape(len(pb), -1)
+        return _cos(float(np.sum(za * zb)), float(np.sum(za * za)), float(np.sum(zb * zb))), len(pa)
+    wa = _unit_rows(a, list(ia.values()))
+    wb = _unit_rows(b, list(ib.values()))
+    pos_a = {i: r for r, i in enumerate(ia.values())}
+    pos_b = {j: r for r, j in enumerate(ib.values())}
+    ra = [pos_a[i] for i in pa]
+    rb = [pos_b[j] for j in pb]
+    dot = float(np.sum(wa[ra] * wb[rb])) if pa else 0.0
+    return _cos(dot, float(np.sum(wa * wa)), float(np.sum(wb * wb))), len(pa)
 
 
-def _unit_modules(s: tuple[Sequence[str], np.ndarray, np.ndarray], idx: Mapping[str, int]) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for n, i in idx.items():
-        norm = float(s[2][i])
-        if norm > 0:
-            out[n] = np.asarray(s[1][i], dtype=np.float64) / norm
-    return out
+def _unit_rows(s: tuple[Sequence[str], np.ndarray, np.ndarray], rows: list[int]) -> np.ndarray:
+    """Sketches ``rows`` flattened and divided by their module's exact norm (zero-norm modules stay zero)."""
+    if not rows:
+        return np.zeros((0, 0))
+    z = np.asarray(s[1][rows], dtype=np.float64).reshape(len(rows), -1)
+    norms = np.asarray(s[2], dtype=np.float64)[rows]
+    inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    return z * inv[:, None]
 
 
 def _cos(dot: float, na: float, nb: float) -> float | None:

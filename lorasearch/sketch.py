@@ -201,6 +201,41 @@ def module_norms(ld: LoraDelta) -> dict[str, float]:
     return {n: float(np.sqrt(max(sq[n], 0.0))) for n in ld.modules if n in sq}
 
 
+def sketch_and_norms(ld: LoraDelta, k: int = DEFAULT_K) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """``sketch_lora(ld, k)`` and ``module_norms(ld)`` in one pass over the modules (same bits).
+
+    Both read every factor; doing a module's norm right after its sketch finds the
+    factor still in cache instead of streaming all factors from memory a second time
+    (an SDXL rank-32 LoRA holds ~0.5 GB of float32 factors). Measured gain is small
+    (~7 % of ``embed`` on the SDXL-size file): the products are compute-bound.
+
+    Returns:
+        (module -> k×k float32 sketch, module -> exact Frobenius norm), both in module order.
+    """
+    single, batches = _by_shape(ld.modules)
+    z_out: dict[str, np.ndarray] = {}
+    sq: dict[str, float] = {}
+    for name, d in single.items():
+        p, q = sketch_shape(d)
+        z_out[name] = module_sketch(d, gaussian(ld.family, name, (p, q), "L", p, k),
+                                    gaussian(ld.family, name, (p, q), "R", q, k))
+        sq[name] = _sq_norm(d)
+    for (us, vs), names in batches.items():
+        fs: list[Factored] = [ld.modules[n] for n in names]  # type: ignore[misc]
+        L, R = _stacked_gaussians(ld.family, tuple(names), us[0], vs[1], k)
+        u = np.stack([f.up for f in fs])
+        v = np.stack([f.down for f in fs])
+        z = np.matmul(L, u) @ np.matmul(v, R.transpose(0, 2, 1))
+        z = (z * np.array([f.scale for f in fs], dtype=np.float32)[:, None, None]).astype(np.float32)
+        z_out.update(zip(names, z))
+        uu = np.matmul(u.transpose(0, 2, 1), u)
+        vv = np.matmul(v, v.transpose(0, 2, 1))
+        tr = np.sum((uu.astype(np.float64) * vv).reshape(len(fs), -1), axis=1)
+        sq.update((n, f.scale * f.scale * float(t)) for n, f, t in zip(names, fs, tr))
+    order = [n for n in ld.modules if n in z_out]
+    return {n: z_out[n] for n in order}, {n: float(np.sqrt(max(sq[n], 0.0))) for n in order}
+
+
 def in_group(name: str, groups: Iterable[str] | None) -> bool:
     """Whether a canonical module name belongs to any of the named module groups (None: all)."""
     if groups is None:
@@ -213,6 +248,12 @@ def in_group(name: str, groups: Iterable[str] | None) -> bool:
 @lru_cache(maxsize=1 << 16)  # called per module and view; names repeat across files
 def _in_groups(name: str, groups: tuple[str, ...]) -> bool:
     return any(MODULE_GROUPS[g].search(name) for g in groups)
+
+
+@lru_cache(maxsize=1 << 16)
+def module_groups(name: str) -> frozenset[str]:
+    """Every module group a canonical module name belongs to (one lookup per module for all groups)."""
+    return frozenset(g for g, pat in MODULE_GROUPS.items() if pat.search(name))
 
 
 @lru_cache(maxsize=65536)
@@ -304,6 +345,7 @@ def clear_caches() -> None:
     """Drop the cached Gaussian test matrices and fold buckets (a fresh worker's state)."""
     gaussian.cache_clear()
     _stacked_gaussians.cache_clear()
+    module_groups.cache_clear()
     _buckets.cache_clear()
     _stacked_buckets.cache_clear()
 

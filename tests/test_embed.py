@@ -136,3 +136,20 @@ def test_sketch_cosine_style_groups_and_disjoint() -> None:
     other = embed(lora(9, (ATTN2,)), k=4, dim=64)
     assert sketch_cosine(_tuple(a), _tuple(other), "delta") == (None, 0)
     assert set(GROUP_VIEWS) == {"attention", "feed_forward", "conv", "text_encoder"}
+
+
+@pytest.mark.parametrize("names, rank", [
+    ((ATTN, ATTN2, FF), 4),  # small factors: the batched path
+    ((ATTN, CONV, TE), 64),  # bigger factors: one module at a time
+    ((ATTN, ATTN2, FF, CONV, TE), 1),
+])
+def test_sketch_and_norms_is_sketch_lora_plus_module_norms_bit_for_bit(names: tuple[str, ...], rank: int) -> None:
+    from lorasearch.sketch import module_norms, sketch_and_norms, sketch_lora
+
+    ld = lora(7, names, rank)
+    ld.modules["extra#bias"] = Dense(np.arange(320, dtype=np.float32))
+    ld.modules["needs"] = NeedsBase("ia3", {"w": np.ones(320, np.float32)}, (320,))
+    z, n = sketch_and_norms(ld)
+    z0, n0 = sketch_lora(ld), module_norms(ld)
+    assert list(z) == list(z0) == list(n) and "needs" not in z
+    assert all(np.array_equal(z[m], z0[m]) for m in z) and n == {m: n0[m] for m in z}

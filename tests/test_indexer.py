@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,36 +12,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from hub_server import GPT2, GPTNEO, SD15, DemoHub, dead_endpoint, demo_hub  # noqa: F401  (fixture)
+from hub_server import DemoHub, dead_endpoint, demo_hub  # noqa: F401  (fixture)
 from indexer.jobs import JobTable
 from indexer.pipeline import IndexerBusy, Result, _PoolRunner, exclusive, run_index
-from indexer.sources import WorkItem
+from indexer.sources import WorkItem, expand_source
 from lorasearch.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD_ITEMS, DISTINCT, BAD_ITEMS = 5, 4, 3
-
-
-@pytest.fixture
-def tree(tmp_path: Path, shared_loras: Path) -> Path:
-    """5 readable LoRAs (4 distinct contents, one nested PEFT folder) + an unsupported layout and two pickles."""
-    root = tmp_path / "loras"
-    files = {
-        "a.safetensors": f"{GPT2}.safetensors",
-        "a.adapter_config.json": f"{GPT2}.adapter_config.json",
-        "sub/a_copy.safetensors": f"{GPT2}.safetensors",
-        "sub/peft/adapter_model.safetensors": f"{GPTNEO}.safetensors",
-        "sub/peft/adapter_config.json": f"{GPTNEO}.adapter_config.json",
-        "deep/er/disney.safetensors": f"{SD15}.safetensors",
-        "deep/tiny.safetensors": "ironhack-labs__lab-lora-tuning-peft__peft_lab_outputs__checkpoint-14__adapter_model.safetensors",
-        "sub/vit.safetensors": "JamesQFreeman__LoRA-ViT__lora.safetensors",
-    }
-    for rel, name in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shared_loras / name, root / rel)
-    (root / "evil.bin").write_bytes(b"\x80\x04this would be unpickled")
-    (root / "sub" / "model.ckpt").write_bytes(b"PK\x03\x04zip")
-    return root
 
 
 def snapshot(db: Path) -> dict[str, Any]:
@@ -241,3 +218,34 @@ def test_job_key_is_independent_of_the_working_folder(tree: Path, monkeypatch: p
 
     monkeypatch.chdir(tree.parent)
     assert job_key(["loras", "hf:a/b"]) == job_key([str(tree), "hf:a/b"]) != job_key(["hf:a/b", str(tree)])
+
+
+@pytest.mark.parametrize("rel", ["deep/er/disney.safetensors", "sub/peft", "a.safetensors"])
+def test_worker_result_is_light_and_stores_the_same_row(tree: Path, rel: str) -> None:
+    import pickle
+
+    from indexer.pipeline import process_item, summary
+    from lorasearch.formats.load import load_lora
+    from lorasearch.report import info_dict
+
+    item = next(x for x in expand_source(str(tree / rel)) if isinstance(x, WorkItem))
+    res = process_item(item)
+    ld = load_lora(item.path)
+    assert res.error is None and res.ld is not None and res.emb is not None
+    assert info_dict(res.ld) == info_dict(ld) and res.ld.rank_range() == ld.rank_range()
+    assert res.ld.source == ld.source and res.ld.family == ld.family
+    assert len(pickle.dumps(res)) < len(pickle.dumps(ld)) / 5  # no factor values travel back to the parent
+    assert summary(res.ld).modules.keys() == ld.modules.keys()
+
+
+def test_collection_maps_refresh_only_for_families_with_new_rows(tree: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import indexer.pipeline as pipeline
+
+    calls: list[Any] = []
+    monkeypatch.setattr(pipeline, "update_maps", lambda store, families=None: calls.append(families))
+    run_index([str(tree / "deep")], tmp_path / "db")
+    assert len(calls) == 1 and calls[0] is not None and "sd15" in calls[0]
+    run_index([str(tree / "deep")], tmp_path / "db")  # nothing new: no layout
+    run_index([str(tree / "deep" / "er" / "disney.safetensors")], tmp_path / "db")  # a duplicate: no layout
+    assert len(calls) == 1

@@ -99,9 +99,9 @@ def test_style_views_rerank_from_sketches(indexed: tuple[Store, dict[int, LoraDe
 def test_other_family_and_bad_view(indexed: tuple[Store, dict[int, LoraDelta]], shared_loras: Path) -> None:
     store, lds = indexed
     ld = next(iter(lds.values()))
-    other = LoraDelta("sd2", ld.format, ld.modules)
+    other = LoraDelta("flux", ld.format, {f"transformer.x.{n}": d for n, d in ld.modules.items()})
     r = query(store, other)
-    assert r["results"] == [] and r["message"] == "no indexed LoRAs of family sd2" and r["exact"] is False
+    assert r["results"] == [] and r["message"] == "no indexed LoRAs of family flux" and r["exact"] is False
     with pytest.raises(BadInput):
         query(store, ld, view="clip")
     with pytest.raises(BadInput):
@@ -136,3 +136,42 @@ def test_delta_cache_is_bounded(shared_loras: Path) -> None:
     assert len(cache) == 1 and cache.misses == 3
     cache.get(files[-1].name, files[-1])
     assert cache.hits == 1
+
+
+def test_query_searches_every_family_whose_table_fits(indexed: tuple[Store, dict[int, LoraDelta]]) -> None:
+    """SD1.5 and SD2 share module names (and most shapes): a query read as sd2 whose modules all fit
+    the sd15 table is searched there too, and its sd15 original comes first."""
+    store, lds = indexed
+    lid, ld = next(iter(lds.items()))
+    r = query(store, LoraDelta("sd2", ld.format, dict(ld.modules)), k=3)
+    assert r["family"] == "sd2" and r["families_searched"] == ["sd15"]
+    assert r["results"][0]["id"] == lid and r["results"][0]["score"] == pytest.approx(1.0, abs=1e-6)
+    assert r["results"][0]["family"] == "sd15" and r["exact"]
+    assert query(store, ld, k=1)["families_searched"] == ["sd15"]  # attn2 k/v of width 768 do not fit sd2
+
+
+def test_batched_exact_scores_match_frobenius_compare(indexed: tuple[Store, dict[int, LoraDelta]]) -> None:
+    from lorasearch.frobenius import compare
+    from lorasearch.search import exact_compare, factor_pack
+
+    store, lds = indexed
+    items = list(lds.values())[:4]
+    items.append(transformed(items[0], 3))
+    dropped = LoraDelta(items[1].family, "x", {n: d for n, d in items[1].modules.items() if "attn2" not in n})
+    items.append(dropped)
+    for a in items:
+        for b in items:
+            want = compare(a, b)
+            got = exact_compare(a, factor_pack(a), b, factor_pack(b))
+            assert got["shared_modules"] == want.shared_modules
+            assert got["score"] == pytest.approx(want.cosine, abs=1e-9)
+            assert got["coefficient"] == pytest.approx(want.coefficient, rel=1e-9, abs=1e-12)
+
+
+def test_delta_cache_packs_once_and_counts_their_bytes(shared_loras: Path) -> None:
+    f = sd15_files(shared_loras, 1, siblings=False)[0]
+    cache = DeltaCache()
+    ld, pack = cache.packed(f.name, f)
+    assert pack.nbytes > 0 and cache._bytes == f.stat().st_size + pack.nbytes
+    again = cache.packed(f.name, f)
+    assert again[0] is ld and again[1] is pack and cache.hits == 1 and cache._bytes == f.stat().st_size + pack.nbytes

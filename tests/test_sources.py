@@ -1,39 +1,17 @@
 """Source expansion: files, folders (recursive, PEFT folders, pickles refused), hf: and hf-search: via the hub double."""
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from hub_server import GPT2, GPTNEO, SD15, DemoHub, dead_endpoint, demo_hub  # noqa: F401  (fixture)
+from hub_server import DemoHub, dead_endpoint, demo_hub  # noqa: F401  (fixture)
 from indexer.sources import Failure, WorkItem, expand_source, expand_sources, parse_hf, parse_search
 
 
 def split(xs: list[WorkItem | Failure]) -> tuple[list[WorkItem], list[Failure]]:
     return [x for x in xs if isinstance(x, WorkItem)], [x for x in xs if isinstance(x, Failure)]
-
-
-@pytest.fixture
-def tree(tmp_path: Path, shared_loras: Path) -> Path:
-    """A folder of real files: a duplicate, a nested PEFT folder, a pickle, an unsupported layout, a hidden folder."""
-    root = tmp_path / "loras"
-    files = {
-        "a.safetensors": f"{GPT2}.safetensors",
-        "a.adapter_config.json": f"{GPT2}.adapter_config.json",
-        "sub/a_copy.safetensors": f"{GPT2}.safetensors",
-        "sub/peft/adapter_model.safetensors": f"{GPTNEO}.safetensors",
-        "sub/peft/adapter_config.json": f"{GPTNEO}.adapter_config.json",
-        "deep/er/disney.safetensors": f"{SD15}.safetensors",
-        ".hidden/ignored.safetensors": f"{SD15}.safetensors",
-    }
-    for rel, name in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(shared_loras / name, root / rel)
-    (root / "evil.bin").write_bytes(b"\x80\x04this would be unpickled")
-    (root / "sub" / "model.ckpt").write_bytes(b"PK\x03\x04zip")
-    return root
 
 
 @pytest.mark.parametrize(
@@ -74,7 +52,8 @@ def test_parse_search(spec: str, want: object) -> None:
 def test_folder_is_recursive_with_peft_folders_and_refuses_pickles(tree: Path) -> None:
     items, fails = split(list(expand_source(str(tree))))
     rel = sorted(Path(i.path).relative_to(tree).as_posix() for i in items)
-    assert rel == ["a.safetensors", "deep/er/disney.safetensors", "sub/a_copy.safetensors", "sub/peft"]
+    assert rel == ["a.safetensors", "deep/er/disney.safetensors", "deep/tiny.safetensors", "sub/a_copy.safetensors",
+                   "sub/peft", "sub/vit.safetensors"]
     assert all(i.source == str(tree) and i.repo is None and i.size > 0 and i.mtime_ns > 0 for i in items)
     peft = next(i for i in items if i.path.endswith("peft"))
     assert peft.source_dict()["path"].endswith("sub/peft/adapter_model.safetensors")
@@ -108,9 +87,22 @@ def test_peft_folder_without_config_is_one_item(tree: Path) -> None:
         assert [Path(i.path) for i in items if Path(i.path) in (peft, peft / "adapter_model.safetensors")] == [peft]
 
 
+def test_find_loras_lists_a_peft_folder_once_with_or_without_config(tree: Path) -> None:
+    from lorasearch.formats.load import find_loras
+
+    peft = tree / "sub" / "peft"
+    for drop_config in (False, True):
+        if drop_config:
+            (peft / "adapter_config.json").unlink()
+        found = list(find_loras(tree))
+        assert [p for p in found if p in (peft, peft / "adapter_model.safetensors")] == [peft]
+        assert len(found) == len(set(found))
+    assert list(find_loras(peft)) == []  # the folder itself is the caller's to read
+
+
 def test_same_item_twice_in_one_source_list_is_listed_once(tree: Path) -> None:
     items, _ = split(list(expand_sources([str(tree), str(tree), str(tree / "a.safetensors")])))
-    assert len(items) == 5  # 4 from the folder, once; the file again under its own source
+    assert len(items) == 7  # 6 from the folder, once; the file again under its own source
 
 
 def test_hf_source_pins_the_resolved_commit(demo_hub: DemoHub, tmp_path: Path) -> None:

@@ -150,12 +150,15 @@ def load_lora(
 def find_loras(folder: Path) -> Iterator[Path]:
     """Every LoRA under a folder: PEFT folders once, other ``.safetensors`` files one by one.
 
+    A folder holding ``adapter_model.safetensors`` is a PEFT adapter (with or without
+    ``adapter_config.json``) and is listed as the folder, never its weights file again.
+    ``folder`` itself is not listed (callers read a PEFT root folder as one LoRA).
     Pickled files are yielded too, so callers can report them as refused.
     """
     for p in sorted(folder.rglob("*")):
         if p.is_dir() and (p / PEFT_WEIGHTS).is_file():
             yield p
-        elif p.is_file() and p.suffix == ".safetensors" and not (p.name == PEFT_WEIGHTS and (p.parent / PEFT_CONFIG).is_file()):
+        elif p.is_file() and p.suffix == ".safetensors" and p.name != PEFT_WEIGHTS:
             yield p
         elif p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES:
             yield p
