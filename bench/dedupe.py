@@ -1,0 +1,497 @@
+"""Dedupe: precision and recall per tier, no false groupings of same-seed files, and cost against sha256 (`lorasearch.dedupe`).
+
+Accuracy set (one ``dedupe`` run over all of it, as a user would run it on a collection):
+
+- every file of ``../shared/loras`` (63; the 7 that are not readable LoRAs
+  stay in the bytes tier only and are left out of the pairs). Ground truth
+  among them: files of one repository whose exact ΔW cosine is above 0.3 are
+  one lineage (checkpoints of one run, as in ``bench/attribution.py``), and
+  files with the same AutoV3 have the same tensors. The real shared-seed
+  families (SD1.5 files of *different* repositories whose raw A factors have
+  cosine > 0.9: one training script and seed, other data) are unrelated;
+- derivatives of every readable SD1.5/SD2 real file: a renamed byte copy
+  (``bytes``), a header-edited re-save (``tensors``: the data bytes kept, the
+  metadata replaced, as metadata editors do), and ``bench/retrieval.py``'s
+  transforms ``format`` (diffusers' converters), ``fp16``, ``bf16``,
+  ``scale0.5``, ``reparam`` (``update``) and ``rank/2`` (SVD), ``no-attn2``
+  (module subset), ``noise30`` (30 % noise on the up factors: a stand-in for
+  further training, which needs the real base model) (``lineage``);
+- a tiny zoo: LoRAs trained on the tiny UNet (``lorasearch.samples``) and
+  written by every writer (``write_copies``: PEFT folder, diffusers, kohya,
+  fp16, bf16, re-parameterised: ``update``), a byte copy, a header edit, and
+  ``lineage`` derivatives: trained 25 % further from the saved adapter
+  (``continue_training``, real further training), rank 2 of 4, no-attn2.
+  For each zoo LoRA one more LoRA shares its training script and init seed
+  but has other data (same-seed, unrelated).
+
+The bytes and tensors tiers are identities (sha256 of the file and its
+sidecar; AutoV3, or the same decoded modules and dtypes under other keys, as
+a conversion that keeps every factor and scale writes), so those two truths are
+computed from the files (a transform may leave a file as it was, e.g. fp16 of
+an fp16 file); the update and lineage truths are how a file was built. A
+pair's true tier is the strongest relation it has; its
+predicted tier the strongest tier at which dedupe puts both files in one
+group (groups nest). Precision of tier t: of the pairs predicted at t, the
+share true at t; recall: of the pairs true at t, the share predicted at t.
+
+Cost: ``dedupe`` of 10,000 small files (kohya LoRAs of the tiny UNet, random
+factors) generated into a temp folder, against sha256 of the same files
+(``dedupe.sha256_file``, one thread, warm page cache, as dedupe sees them;
+coreutils ``sha256sum`` is 2-4× slower here).
+Two mixes: 1 % of the files need reading (per LoRA: the original, a fp16 cast,
+a header edit, 97 byte copies) and 10 % (the same with 17 byte copies).
+
+Run: ``python bench/dedupe.py [--quick] [--write]``.
+"""
+from __future__ import annotations
+
+import common  # noqa: F401,I001  (first: sets the BLAS thread count before numpy loads)
+
+import argparse
+import csv
+import hashlib
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import SHARED_LORAS, command_line, machine, md_table, median, set_torch_threads, today, write_section
+
+from lorasearch.dedupe import HASH_THREADS, TIERS, dedupe, resave_with_metadata, sha256_file
+from lorasearch.delta import Factored, LoraDelta
+from lorasearch.errors import LoraSearchError
+from lorasearch.formats import load_lora
+
+UPDATE_TRANSFORMS = ("format", "fp16", "bf16", "scale0.5", "reparam")
+LINEAGE_TRANSFORMS = ("rank/2", "no-attn2", "noise30")
+TARGETS = {"bytes": (1.0, 1.0), "tensors": (1.0, 1.0), "update": (1.0, 1.0), "lineage": (0.95, 0.95)}
+
+
+@dataclass
+class Truth:
+    """What a file was built as: labels that two files share when they are related at that tier."""
+
+    origin: str
+    update: str
+    tensors: str
+    bytes: str
+    kind: str
+
+    def tier_with(self, other: Truth) -> str | None:
+        for t, a, b in (("bytes", self.bytes, other.bytes), ("tensors", self.tensors, other.tensors),
+                        ("update", self.update, other.update), ("lineage", self.origin, other.origin)):
+            if a == b:
+                return t
+        return None
+
+
+# --------------------------------------------------------------------------- the accuracy set
+
+
+def real_truth(lds: dict[Path, LoraDelta], inv: dict[str, dict[str, str]]) -> dict[Path, Truth]:
+    """Real files: same repository and exact cosine > 0.3 = one lineage; same AutoV3 = same tensors."""
+    from lorasearch.attribution.calibration import LINEAGE_COSINE
+    from lorasearch.dedupe import UnionFind
+    from lorasearch.frobenius import compare
+
+    paths = sorted(lds)
+    uf = UnionFind(len(paths))
+    for i, a in enumerate(paths):
+        for j in range(i + 1, len(paths)):
+            b = paths[j]
+            if inv[a.name]["repo"] != inv[b.name]["repo"] or lds[a].family != lds[b].family:
+                continue
+            c = compare(lds[a], lds[b])
+            if c.cosine is not None and abs(c.cosine) > LINEAGE_COSINE:
+                uf.union(i, j)
+    out = {}
+    for i, p in enumerate(paths):
+        v3 = str(lds[p].source["autov3"])
+        out[p] = Truth(f"real{uf.find(i)}", f"v3:{v3}", f"v3:{v3}", f"sha:{lds[p].source['file_sha256']}", "real")
+    return out
+
+
+def same_seed_pairs(lds: dict[Path, LoraDelta], inv: dict[str, dict[str, str]]) -> list[tuple[Path, Path, float]]:
+    """Real SD pairs of different repositories whose raw A (down) factors are nearly identical."""
+    sd = sorted(p for p, ld in lds.items() if ld.family in ("sd15", "sd2"))
+    out = []
+    for i, a in enumerate(sd):
+        for b in sd[i + 1:]:
+            if inv[a.name]["repo"] == inv[b.name]["repo"] or lds[a].family != lds[b].family:
+                continue
+            c = _down_cosine(lds[a], lds[b])
+            if c > 0.9:
+                out.append((a, b, c))
+    return out
+
+
+def _down_cosine(a: LoraDelta, b: LoraDelta) -> float:
+    names = sorted(n for n in a.modules if isinstance(a.modules[n], Factored) and isinstance(b.modules.get(n), Factored))
+    va = np.concatenate([a.modules[n].down.ravel() for n in names]) if names else np.zeros(0)
+    vb = np.concatenate([b.modules[n].down.ravel() for n in names]) if names else np.zeros(0)
+    if va.shape != vb.shape or not va.size:
+        return float("nan")
+    return float(va @ vb / np.linalg.norm(va) / np.linalg.norm(vb))
+
+
+def real_derivatives(lds: dict[Path, LoraDelta], truth: dict[Path, Truth], out: Path, limit: int | None,
+                     rng: np.random.Generator) -> dict[Path, Truth]:
+    """Copies, header edits and ``bench/retrieval.py`` transforms of every SD real file."""
+    from retrieval import make_transform, read_raw, write_raw
+
+    made: dict[Path, Truth] = {}
+    sd = sorted(p for p, ld in lds.items() if ld.family in ("sd15", "sd2"))[:limit]
+    for n, p in enumerate(sd):
+        t = truth[p]
+        d = out / f"r{n:02d}"
+        d.mkdir(parents=True)
+        cp = d / "copy.safetensors"
+        shutil.copy(p, cp)
+        _copy_sidecar(p, cp)
+        made[cp] = Truth(t.origin, t.update, t.tensors, t.bytes, "copy")
+        he = resave_with_metadata(p, d / "header_edit.safetensors", {"ss_output_name": f"renamed {n}",
+                                                                     "sshs_model_hash": hashlib.sha256(b"").hexdigest()})
+        _copy_sidecar(p, he)
+        made[he] = Truth(t.origin, t.update, t.tensors, f"he{n}", "header edit")
+        raw = read_raw(p)
+        for name in UPDATE_TRANSFORMS + LINEAGE_TRANSFORMS:
+            try:
+                new = make_transform(name, raw, lds[p], rng)
+            except ValueError:
+                continue
+            f = write_raw(new, d / f"{name.replace('/', '_')}.safetensors")
+            tag = f"{n}:{name}"
+            made[f] = (Truth(t.origin, t.update, tag, tag, name) if name in UPDATE_TRANSFORMS
+                       else Truth(t.origin, tag, tag, tag, name))
+    return made
+
+
+def _copy_sidecar(src: Path, dst: Path) -> None:
+    """A copy of a LoRA is the weights and its PEFT sidecar config."""
+    side = src.with_name(src.stem + ".adapter_config.json")
+    if side.is_file():
+        shutil.copy(side, dst.with_name(dst.stem + ".adapter_config.json"))
+
+
+def _identity(path: Path) -> tuple[str, str, str]:
+    """(sha256 of the file and its sidecar, AutoV3 with the sidecar, decoded content with the sidecar)."""
+    from lorasearch.store import content_hash
+
+    side = path / "adapter_config.json" if path.is_dir() else path.with_name(path.stem + ".adapter_config.json")
+    cfg = hashlib.sha256(side.read_bytes()).hexdigest() if side.is_file() else ""
+    ld = load_lora(path)
+    content = f"{ld.metadata.get('dtypes')}|{content_hash(ld)}"
+    return f"{ld.source['file_sha256']}|{cfg}", f"{ld.source['autov3']}|{cfg}", f"{content}|{cfg}"
+
+
+def with_identities(truth: dict[Path, Truth]) -> dict[Path, Truth]:
+    """The bytes and tensors labels of every file set from its identities, which define those tiers
+    (a transform may leave a file as it was: fp16 of an fp16 file; two real files hold the same tensors).
+
+    Tensors: the same AutoV3, or the same decoded modules (``store.content_hash``) and dtypes
+    under other keys, with the same sidecar config; linked transitively.
+    """
+    from lorasearch.dedupe import UnionFind
+
+    paths = list(truth)
+    ids = [_identity(p) for p in paths]
+    uf = UnionFind(len(paths))
+    first: dict[str, int] = {}
+    for i, (_, v3, content) in enumerate(ids):
+        for key in (f"v3:{v3}", f"c:{content}"):
+            uf.union(i, first.setdefault(key, i))
+    return {p: Truth(truth[p].origin, truth[p].update, f"t:{uf.find(i)}", f"b:{ids[i][0]}", truth[p].kind)
+            for i, p in enumerate(paths)}
+
+
+def _same_seed_lora(init_seed: int, data_seed: int, steps: int) -> Any:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lorasearch.samples import ALPHA, RANK, TARGETS as MODS, train_steps
+    from lorasearch.tinymodels import make_tiny_unet
+
+    torch.manual_seed(init_seed)
+    pm = get_peft_model(make_tiny_unet(0), LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=MODS))
+    train_steps(pm, steps, data_seed=data_seed)
+    return pm
+
+
+def zoo(out: Path, n: int, steps: int = 12) -> dict[Path, Truth]:
+    """Tiny trained LoRAs in every writer's format, their copies and lineage derivatives, same-seed others."""
+    from lorasearch.attribution import derivatives as dv
+    from lorasearch.samples import train_lora, write_copies
+
+    made: dict[Path, Truth] = {}
+    for z in range(n):
+        seed = 500 + z
+        d = out / f"z{z:02d}"
+        copies = write_copies(train_lora(steps=steps, seed=seed), d / "w")
+        o = f"zoo{z}"
+        for name, p in copies.items():
+            made[p] = Truth(o, o, f"{o}:{name}", f"{o}:{name}", f"zoo {name}")
+        orig = copies["kohya"]
+        ld = load_lora(orig)
+        cp = Path(shutil.copy(orig, d / "copy.safetensors"))
+        made[cp] = Truth(o, o, f"{o}:kohya", f"{o}:kohya", "zoo copy")
+        he = resave_with_metadata(orig, d / "header_edit.safetensors", {"ss_output_name": "edited"})
+        made[he] = Truth(o, o, f"{o}:kohya", f"{o}:he", "zoo header edit")
+        for name, new in (("rank2", dv.rank_resize(ld, 2)), ("no-attn2", dv.subset(ld, lambda m: "attn2" not in m))):
+            p = dv.write_kohya(new, d / f"{name}.safetensors")
+            made[p] = Truth(o, f"{o}:{name}", f"{o}:{name}", f"{o}:{name}", f"zoo {name}")
+        tr = dv.continue_training(copies["peft"], d / "train25", steps=steps // 4, data_seed=seed)
+        made[tr] = Truth(o, f"{o}:train", f"{o}:train", f"{o}:train", "zoo train+25%")
+        ss = d / "same_seed_other_data"
+        _same_seed_lora(seed, seed + 10_000, steps).save_pretrained(str(ss))
+        made[ss] = Truth(f"{o}:ss", f"{o}:ss", f"{o}:ss", f"{o}:ss", "zoo same seed")
+    return made
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def score(res: Any, truth: dict[Path, Truth]) -> tuple[dict[tuple[str, str], int], dict[str, tuple[int, int, int]]]:
+    """Confusion counts (true tier, predicted tier) over all pairs, and (tp, predicted, true) per tier."""
+    idx = [(i, truth[Path(it.path)]) for i, it in enumerate(res.items)
+           if Path(it.path) in truth and res.cluster[i]["tensors"] >= 0]
+    conf: dict[tuple[str, str], int] = {}
+    for a in range(len(idx)):
+        ia, ta = idx[a]
+        for b in range(a + 1, len(idx)):
+            ib, tb = idx[b]
+            key = (ta.tier_with(tb) or "none", res.pair_tier(ia, ib) or "none")
+            conf[key] = conf.get(key, 0) + 1
+    per = {}
+    for t in TIERS:
+        tp = conf.get((t, t), 0)
+        pred = sum(v for (_, p), v in conf.items() if p == t)
+        true = sum(v for (tt, _), v in conf.items() if tt == t)
+        per[t] = (tp, pred, true)
+    return conf, per
+
+
+def kind_recall(res: Any, truth: dict[Path, Truth]) -> list[list[Any]]:
+    """Per derivative kind: pairs with its source grouped at the expected tier."""
+    pos = {Path(it.path): i for i, it in enumerate(res.items)}
+    sources: dict[str, list[Path]] = {}
+    for p, t in truth.items():
+        if t.kind in ("real", "zoo kohya"):
+            sources.setdefault(t.origin, []).append(p)
+    rows: dict[str, list[int]] = {}
+    for p, t in truth.items():
+        if t.kind in ("real", "zoo kohya") or p not in pos:
+            continue
+        for s in sources.get(t.origin, []):
+            want = t.tier_with(truth[s])
+            if want is None or s not in pos:
+                continue
+            r = rows.setdefault(f"{t.kind} ({want})", [0, 0])
+            r[0] += res.pair_tier(pos[p], pos[s]) == want
+            r[1] += 1
+    return [[k, f"{a}/{n}", f"{a / n:.3f}"] for k, (a, n) in sorted(rows.items())]
+
+
+def mismatches(res: Any, truth: dict[Path, Truth], limit: int = 40) -> list[str]:
+    """Pairs whose predicted tier is not their true one (printed, for diagnosis)."""
+    idx = [(i, Path(it.path)) for i, it in enumerate(res.items) if Path(it.path) in truth and res.cluster[i]["tensors"] >= 0]
+    out = []
+    for a in range(len(idx)):
+        for b in range(a + 1, len(idx)):
+            (ia, pa), (ib, pb) = idx[a], idx[b]
+            want, got = truth[pa].tier_with(truth[pb]), res.pair_tier(ia, ib)
+            if want != got:
+                out.append(f"mismatch: true {want} predicted {got}: {pa} ({truth[pa].kind}) / {pb} ({truth[pb].kind})")
+    return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def _random_lora(template: LoraDelta, seed: int) -> LoraDelta:
+    rng = np.random.default_rng(seed)
+    mods = {n: Factored(rng.standard_normal(d.up.shape).astype(np.float32) * 0.1,
+                        rng.standard_normal(d.down.shape).astype(np.float32) * 0.1, d.scale, d.shape)
+            for n, d in template.modules.items() if isinstance(d, Factored)}
+    return LoraDelta(template.family, "kohya", mods)
+
+
+def make_timing_set(out: Path, template: LoraDelta, n_files: int, per_lora: int) -> int:
+    """``n_files`` files: per random LoRA the original, a fp16 cast, a header edit and byte copies (renamed)."""
+    from lorasearch.attribution import derivatives as dv
+
+    made = 0
+    k = 0
+    while made < n_files:
+        d = out / f"l{k:05d}"
+        orig = dv.write_kohya(_random_lora(template, 10_000 + k), d / "orig.safetensors")
+        dv.write_kohya(load_lora(orig), d / "fp16.safetensors", dtype="float16")
+        resave_with_metadata(orig, d / "edited.safetensors", {"ss_output_name": f"lora {k}"})
+        made += 3
+        for c in range(min(per_lora - 3, n_files - made)):
+            shutil.copyfile(orig, d / f"copy{c:03d}.safetensors")
+            made += 1
+        k += 1
+    return k
+
+
+def sha256_all(files: list[Path]) -> None:
+    """sha256 of every file, one thread, with the same function dedupe uses (one read per small file)."""
+    for p in files:
+        sha256_file(p)
+
+
+def time_mix(tmp: Path, template: LoraDelta, n_files: int, per_lora: int, repeats: int) -> dict[str, Any]:
+    folder = tmp / f"timing_{per_lora}"
+    loras = make_timing_set(folder, template, n_files, per_lora)
+    files = sorted(folder.rglob("*.safetensors"))
+    sha256_all(files)  # warm the page cache: both sides read from memory
+    t_sha = []
+    t_dd: dict[int, list[float]] = {HASH_THREADS: [], 1: []}
+    res = None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sha256_all(files)
+        t_sha.append(time.perf_counter() - t)
+        for th in t_dd:
+            t = time.perf_counter()
+            res = dedupe([str(folder)], threads=th)
+            t_dd[th].append(time.perf_counter() - t)
+    assert res is not None
+    groups = {t: sum(g["tier"] == t for g in res.groups) for t in TIERS}
+    shutil.rmtree(folder, ignore_errors=True)
+    sha = median(t_sha)
+    return {"files": len(files), "loras": loras, "read": res.counts["read"], "sha": sha,
+            "dedupe": {th: median(v) for th, v in t_dd.items()}, "stages": res.timings, "groups": groups,
+            "bytes": sum(1 for _ in files)}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--zoo", type=int, default=8, help="tiny trained LoRAs (each with its copies and derivatives)")
+    ap.add_argument("--real", type=int, default=None, help="SD real files given derivatives (default: all)")
+    ap.add_argument("--files", type=int, default=10_000, help="files of each timing mix")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-timing", action="store_true", help="accuracy only")
+    ap.add_argument("--keep", type=Path, default=None, help="build in this folder and keep it")
+    ap.add_argument("--write", action="store_true", help="replace this benchmark's section of bench/BENCHMARKS.md")
+    args = ap.parse_args()
+    if args.quick:
+        args.zoo, args.real, args.files, args.repeats = 1, 2, 300, 1
+    set_torch_threads()
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="lorasearch-dedupe-", dir=args.keep))
+    try:
+        body = measure(tmp, args)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(body)
+    if args.write and not args.quick and not args.no_timing:
+        write_section("dedupe", body)
+
+
+def measure(tmp: Path, args: argparse.Namespace) -> str:
+    t0 = time.perf_counter()
+    inv = {r["local_name"]: r for r in csv.DictReader(open(SHARED_LORAS / "inventory.tsv"), delimiter="\t")}
+    lds: dict[Path, LoraDelta] = {}
+    for p in sorted(SHARED_LORAS.glob("*.safetensors")):
+        try:
+            lds[p] = load_lora(p)
+        except LoraSearchError:
+            continue
+    truth = real_truth(lds, inv)
+    rng = np.random.default_rng(args.seed)
+    truth.update(real_derivatives(lds, truth, tmp / "derived", args.real, rng))
+    truth.update(zoo(tmp / "zoo", args.zoo))
+    truth = with_identities(truth)
+    t_build = time.perf_counter() - t0
+    t = time.perf_counter()
+    res = dedupe([str(SHARED_LORAS), str(tmp / "derived"), str(tmp / "zoo")])
+    t_dd = time.perf_counter() - t
+    # dedupe reports PEFT folders by folder; the truth is keyed the same way
+    conf, per = score(res, truth)
+    seeds = same_seed_pairs(lds, inv)
+    pos = {Path(it.path): i for i, it in enumerate(res.items)}
+    seed_grouped = [(a, b, c) for a, b, c in seeds if res.pair_tier(pos[a], pos[b]) is not None]
+    zoo_ss = [p for p, tt in truth.items() if tt.kind == "zoo same seed"]
+    zoo_ss_grouped = sum(1 for p in zoo_ss for q in truth if q != p and p in pos and q in pos
+                         and res.pair_tier(pos[p], pos[q]) is not None)
+    kinds = kind_recall(res, truth)
+    for line in mismatches(res, truth):
+        print(line)
+    if args.no_timing:
+        return "\n".join(["", *[" | ".join(map(str, r)) for r in kinds], str(per), str(conf)])
+
+    template = load_lora(next(p for p, tt in truth.items() if tt.kind == "zoo kohya"))
+    mixes = [time_mix(tmp, template, args.files, per, args.repeats) for per in (100, 20)]
+
+    rows = []
+    for tier in TIERS:
+        tp, pred, true = per[tier]
+        p = tp / pred if pred else float("nan")
+        r = tp / true if true else float("nan")
+        tp_, tr_ = TARGETS[tier]
+        met = "met" if (pred == 0 or p >= tp_) and r >= tr_ else "NOT met"
+        rows.append([tier, true, pred, tp, f"{p:.4f}", f"{r:.4f}", f"{tp_:.2f} / {tr_:.2f} {met}"])
+    labels = [*TIERS, "none"]
+    conf_rows = [[t, *[conf.get((t, p), 0) for p in labels]] for t in labels]
+    mix_rows = []
+    for m in mixes:
+        for th, sec in m["dedupe"].items():
+            r = sec / m["sha"]
+            mix_rows.append([m["files"], m["loras"], m["read"], th, f"{m['sha']:.2f}", f"{sec:.2f}", f"{r:.2f}",
+                             "met" if r <= 2 else "NOT met"])
+    stage_rows = [[m["files"], m["read"], *[f"{m['stages'].get(s, 0):.2f}" for s in ("hash", "tensor_hash", "read_embed", "update", "lineage", "total")]]
+                  for m in mixes]
+    n_items = len(res.items)
+    per_read = 1000 * mixes[0]["stages"]["read_embed"] / max(mixes[0]["read"], 1)
+    per_sha = 1000 * mixes[0]["sha"] / max(mixes[0]["files"], 1)
+    intro = __doc__.split("\n\n", 1)[1].rsplit("Run:", 1)[0].strip()
+    corner = "true \\ predicted"
+    body = f"""## Dedupe (`lorasearch dedupe`)
+
+{today()}; {machine()}. Command: `{command_line()}` ({time.perf_counter() - t0:.0f} s in all).
+
+{intro}
+
+Accuracy set: {n_items} files ({sum(1 for t in truth.values() if t.kind == 'real')} readable real, {sum(1 for t in truth.values() if t.kind not in ('real',) and not t.kind.startswith('zoo'))} real derivatives, {sum(1 for t in truth.values() if t.kind.startswith('zoo'))} zoo files), built in {t_build:.0f} s; one dedupe run over it took {t_dd:.1f} s (read {res.counts['read']} files, checked {res.counts.get('update_pairs_checked', 0)} update pairs exactly, {res.counts.get('lineage_targets', 0)} lineage verdicts).
+
+Pairs by tier (precision: of the pairs predicted at that tier, true at it; recall: of the pairs true at that tier, predicted at it):
+
+{md_table(["tier", "true pairs", "predicted pairs", "both", "precision", "recall", "target (P / R)"], rows)}
+
+Confusion (rows: true tier of the pair, columns: predicted):
+
+{md_table([corner, *labels], conf_rows)}
+
+Per derivative kind, pairs with their source at the expected tier:
+
+{md_table(["kind (expected tier)", "grouped right", "share"], kinds)}
+
+Same-seed files: {len(seed_grouped)} of {len(seeds)} real shared-seed pairs (different repositories, raw A-factor cosine {min((c for _, _, c in seeds), default=float('nan')):.4f}–{max((c for _, _, c in seeds), default=float('nan')):.4f}) grouped; {zoo_ss_grouped} groupings of the {len(zoo_ss)} zoo same-seed LoRAs (same init seed as a zoo LoRA, other data) with any other file.
+
+Cost on {args.files} files against sha256 of the same files (hashing threads: {HASH_THREADS} = dedupe's default, and 1):
+
+{md_table(["files", "distinct LoRAs", "files read + embedded", "hash threads", "sha256 s", "dedupe s", "dedupe / sha256", "target ≤ 2"], mix_rows)}
+
+Where the time goes (seconds, default threads, last run):
+
+{md_table(["files", "read", "hash", "AutoV3", "read + embed", "update", "lineage", "total"], stage_rows)}
+
+Reading: every file costs one sha256 (the hashing stage, with the folder walk, against the sha256 baseline: {mixes[0]['stages']['hash']:.2f} s vs {mixes[0]['sha']:.2f} s); only one file per byte group is hashed again for AutoV3, and only one per tensors group is read and embedded, at ≈ {per_read:.1f} ms each for these small files against ≈ {per_sha:.2f} ms per sha256, i.e. one read costs ≈ {per_read / per_sha:.0f} sha256s. The ratio therefore follows the share of files with distinct tensors: ≈ {mixes[0]['dedupe'][HASH_THREADS] / mixes[0]['sha']:.1f} at 1 % and ≈ {mixes[1]['dedupe'][HASH_THREADS] / mixes[1]['sha']:.1f} at 10 % here, so the target of 2 is reached only by collections that are almost all copies (larger files help: sha256 grows with the bytes, a read mostly with the module count). The read stage is single-process: the tiers need every LoraDelta in one process, and a forked worker pool hung in processes that had loaded torch.
+"""
+    return body
+
+
+if __name__ == "__main__":
+    main()
