@@ -206,23 +206,15 @@ def proc_mem() -> dict[str, int]:
 
 
 def bench_policy(over: dict[str, Any]) -> Any:
-    """An ``IndexPolicy`` with the bench's overrides (nlist, nprobe, codec as values; the rest are fields)."""
+    """An ``IndexPolicy`` with the bench's overrides (``nlist_value`` besides the policy's own fields)."""
     from lorasearch.store import IndexPolicy
 
     @dataclass(frozen=True)
     class BenchPolicy(IndexPolicy):
         nlist_value: int = 0
-        nprobe_value: int = 0
-        codec_value: str = ""
 
-        def nlist(self, n: int) -> int:  # type: ignore[override]
-            return self.nlist_value or IndexPolicy.nlist(n)
-
-        def nprobe(self, nlist: int) -> int:  # type: ignore[override]
-            return min(nlist, self.nprobe_value) if self.nprobe_value else IndexPolicy.nprobe(nlist)
-
-        def ivf_codec(self, n: int, dim: int) -> str:
-            return self.codec_value or IndexPolicy.ivf_codec(self, n, dim)
+        def nlist(self, n: int, dim: int) -> int:  # type: ignore[override]
+            return self.nlist_value or IndexPolicy.nlist(self, n, dim)
 
     return BenchPolicy(**over)
 
@@ -245,7 +237,7 @@ class Plan:
 
 def _query(vi: Any, q: np.ndarray, k: int, fd: int) -> tuple[np.ndarray, float]:
     """``Store.search`` on one vector: ANN candidates, exact re-score for compressed IVF. Returns (ids, ANN seconds)."""
-    fetch = k * vi.policy.refine_factor if vi.kind == "ivf" else k + 8
+    fetch = max(k * vi.policy.refine_for(vi.codec), k + 8) if vi.kind == "ivf" else k + 8
     t0 = time.perf_counter()
     ids, scores = vi.search(q, fetch)
     t_ann = time.perf_counter() - t0
@@ -386,13 +378,12 @@ def plan_as_is(n: int, dim: int, policy: Any) -> dict[str, Any]:
     if kind == "hnsw":
         out["bytes"] = 4 * n * (dim + 2 * policy.hnsw_m)
     if kind == "ivf":
-        nlist = policy.nlist(n)
-        codec = policy.ivf_codec(n, dim)
-        train = min(n, max(100 * nlist, 10_000))
-        code_bytes = n * codec_bytes(codec, dim)
-        # k-means: nlist×train dot products of length dim per iteration, faiss IVF default 10 iterations
-        out.update({"nlist": nlist, "codec": codec, "train": train, "train_bytes": 4 * train * dim,
-                    "bytes": code_bytes + 8 * n + 4 * train * dim, "kmeans_flop": 2 * 10 * nlist * train * dim})
+        plan = policy.ivf_plan(n, dim)
+        train = plan["train"]
+        # k-means: nlist×train dot products of length dim per iteration
+        out.update({"nlist": plan["nlist"], "codec": plan["codec"], "train": train, "train_bytes": 4 * train * dim,
+                    "bytes": plan["code_bytes"] + plan["quantizer_bytes"] + 4 * train * dim,
+                    "kmeans_flop": 2 * policy.kmeans_iterations * plan["nlist"] * train * dim, "nprobe": plan["nprobe"]})
     return out
 
 
@@ -471,7 +462,7 @@ def _gib(b: float) -> str:
     return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
 
 
-def _setting_name(r: dict[str, Any], policy: dict[str, Any], kind: str, nlist: int | None) -> str:
+def _setting_name(r: dict[str, Any], policy: dict[str, Any], kind: str, idx: dict[str, Any]) -> str:
     """A readable search setting; '(default)' marks the policy's own."""
     from lorasearch.store import IndexPolicy
 
@@ -481,9 +472,11 @@ def _setting_name(r: dict[str, Any], policy: dict[str, Any], kind: str, nlist: i
     if kind == "hnsw":
         ef = s.get("ef_search", policy["ef_search"])
         return f"efSearch {ef}" + (" (default)" if ef == IndexPolicy().ef_search else "")
-    npr = min(nlist or 1, s["nprobe_value"]) if s.get("nprobe_value") else IndexPolicy.nprobe(nlist or 1)
-    rf = s.get("refine_factor", policy["refine_factor"])
-    default = npr == IndexPolicy.nprobe(nlist or 1) and rf == IndexPolicy().refine_factor
+    nlist = idx.get("nlist") or 1
+    auto = IndexPolicy().nprobe(nlist, idx.get("ntotal", 0), DIM, idx.get("codec") or "Flat")
+    npr = min(nlist, s["nprobe_value"]) if s.get("nprobe_value") else auto
+    rf = s.get("refine_factor") or IndexPolicy().refine_for(idx.get("codec") or "Flat")
+    default = npr == auto and not s.get("refine_factor")
     return f"nprobe {npr}, refine ×{rf}" + (" (default)" if default else "")
 
 
@@ -495,7 +488,7 @@ def report_size(n: int, prep: dict[str, Any], res: dict[str, Any], as_is: dict[s
     for r in res["results"]:
         rows.append([f"{n:,}", f"{kind}{'/' + idx['codec'] if idx.get('codec') else ''}"
                      + (f" nlist {idx['nlist']}" if "nlist" in idx else ""),
-                     _setting_name(r, res["policy"], kind, idx.get("nlist")), r["threads"],
+                     _setting_name(r, res["policy"], kind, idx), r["threads"],
                      f"{r['p50']:.3f}", f"{r['p99']:.3f}", f"{r['ann_p50']:.3f}", f"{r['recall']:.4f}",
                      "-" if r["dup_at_1"] is None else f"{r['dup_at_1']:.3f}",
                      "-" if r.get("dup_in_candidates") is None else f"{r['dup_in_candidates']:.3f}"])
@@ -555,8 +548,8 @@ def main() -> None:
     ap.add_argument("--codec", default="", help="IVF code type where the policy's plan is over budget (default: the policy's)")
     ap.add_argument("--ef-construction", type=int, default=0, help="HNSW efConstruction (default: the policy's)")
     ap.add_argument("--efs", default="64,128,512", help="HNSW efSearch values swept besides the default")
-    ap.add_argument("--nprobes", default="16,32,64,128,256", help="IVF nprobe values swept")
-    ap.add_argument("--refines", default="10,20,50", help="IVF refine factors swept")
+    ap.add_argument("--nprobes", default="32,64,128,256", help="IVF nprobe values swept")
+    ap.add_argument("--refines", default="10,20", help="IVF refine factors swept")
     ap.add_argument("--sqlite-rows", type=int, default=100_000, help="rows of the SQLite refine-cost store")
     ap.add_argument("--tmp", type=Path, default=None)
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
@@ -608,7 +601,7 @@ def main() -> None:
             targets += check_targets(n, res)
             shutil.rmtree(prep["dir"], ignore_errors=True)
             print(f"[query_latency] {n}: done at {time.perf_counter() - t_start:.0f} s", file=sys.stderr, flush=True)
-        sq = sqlite_refine_cost(tmp, args.sqlite_rows, K * IndexPolicy().refine_factor, DIM)
+        sq = sqlite_refine_cost(tmp, args.sqlite_rows, K * IndexPolicy().refine_for("PQ128x8"), DIM)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -617,7 +610,7 @@ def main() -> None:
         f"Command: `{command_line()}`  \nMachine: {machine()}  \nDate: {today()}",
         f"D = {DIM}, k = {K}, {nq} queries per setting (half near-duplicates of a stored vector, half fresh cluster "
         "members), one vector per call. Clustered vectors with near-duplicate families (module docstring). "
-        "Latency = what `Store.search` does in FAISS (+ the exact re-score of IVF-PQ candidates, read from the "
+        "Latency = what `Store.search` does in FAISS (+ the exact re-score of compressed-IVF (SQ8/PQ) candidates, read from the "
         "vector file); *ANN p50* = `VectorIndex.search` alone. recall@10 = overlap with the exact top-10 "
         "(IndexFlatIP). *dup@1* = share of near-duplicate queries whose planted source (when it is the exact "
         "top-1) comes back first; *dup in top 50* = it is among the 50 candidates `search.query` asks FAISS for "
@@ -629,7 +622,7 @@ def main() -> None:
         md_table(["stored", "row", "setting", "p50", "recall@10", "RSS"], targets or [["-"] * 6]),
         f"Store-side cost not in the latencies above (real `Store` on SQLite with {sq['rows']:,} vectors): "
         f"`Store.vectors` of the {sq['fetch']} refine candidates p50 {sq['vectors_p50']:.2f} ms (p99 "
-        f"{sq['vectors_p99']:.2f}), where the bench reads them by `pread` — IVF-PQ queries pay this instead; "
+        f"{sq['vectors_p99']:.2f}), where the bench reads them by `pread` — compressed-IVF queries pay this instead; "
         f"the live-row check + generation read of every `Store.search`: p50 {sq['live_p50']:.2f} ms.",
         f"Total run time {time.perf_counter() - t_start:.0f} s.",
     ])

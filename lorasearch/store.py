@@ -25,6 +25,7 @@ search and reloads the indexes that changed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -37,7 +38,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -71,15 +72,46 @@ SIDECAR_FORMAT = 1
 FLAT_MAX = 20_000
 HNSW_MAX = 1_000_000
 MEMORY_BUDGET_BYTES = 2 * 2**30
+DEFAULT_MAX_QUERY_MS = 10.0
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 # efSearch: on 20k clustered 1024-d unit vectors (M=32, efConstruction=80, one core) recall@10
 # against exact search was 0.90 at efSearch=128 and 0.98 at 256 (p50 0.6 ms / 1.1 ms); a planted
 # near-duplicate (cosine 0.45 to the query) was found first in 99.5 % / 100 % of queries.
 HNSW_EF_SEARCH = 256
-IVF_REFINE_FACTOR = 10
+# IVF candidates re-scored exactly per result, by code type (bench/query_latency.py, 1M clustered vectors,
+# IVF4096, 2026-11-23): PQ128x8 codes order candidates coarsely (nprobe 128: recall@10 0.939 with ×10,
+# 0.951 with ×20); SQ8 codes almost exactly (0.9558 with ×5, ×10 and ×20 alike at nprobe 128; the same at
+# 32, 64 and 256), so ×5 reads a quarter of the vectors from SQLite for the same answers.
+IVF_REFINE_FACTOR = 20
+SQ_REFINE_FACTOR = 5
 TOMBSTONE_REBUILD_FRACTION = 0.10  # HNSW cannot remove: deleted ids are filtered until they pass 10 %
 IVF_RETRAIN_GROWTH = 4.0  # an IVF trained on n vectors is retrained once it holds 4n
+# IVF sizing from the memory budget (the setting measured at 1M × 1024 in the 2026-11-23 query_latency
+# run: nlist 4096 trained on 131 072 vectors, peak RSS 1.12 GiB): the k-means training sample is capped
+# at budget / (16·dim) vectors (131 072 at 2 GiB: 512 MiB of float32 plus k-means' copies and
+# assignment buffers), and nlist at sample / 32 so every list gets ≥ 32 training points (faiss warns
+# under 39). autofaiss trains on the whole set up to 1M, which at 1M × 1024 is 4 GiB of training data
+# and hours of k-means on 2 cores.
+IVF_TRAIN_BYTES_FACTOR = 16
+IVF_POINTS_PER_LIST = 32
+# faiss' default is 25 k-means iterations; 10 cost 2.5× less training time (the 1M build is on 2 cores) and the
+# recall at 1M recorded in bench/BENCHMARKS.md (scale, query_latency) was measured with 10 (25 not compared).
+IVF_KMEANS_ITERATIONS = 10
+CODE_MEMORY_SHARE = 0.6  # of the budget the IVF codes may take (the rest: quantizer, ids, the process itself)
+# Per-query cost model, one core of this machine (AMD EPYC, AVX-512; bench/query_latency.py and the IVF
+# experiment of 2026-11-23): ns per scanned vector per dimension (flat, SQ8) or per PQ sub-quantizer;
+# exact re-score of one candidate from SQLite; the HNSW coarse quantizer's fixed cost.
+FLAT_NS_PER_DIM = 0.27
+SQ8_NS_PER_DIM = 0.13
+PQ_NS_PER_SUBQUANTIZER = 0.65
+REFINE_MS_PER_ROW = 0.008
+QUANTIZER_MS = 0.3
+# Of max_query_ms the estimate may use (the rest is head-room for a busy machine): at 1M × 1024 SQ8 this
+# gives nprobe 132 of 4096, next to the measured nprobe 128 (recall@10 0.956); the constants above match a
+# quiet moment (200k head-to-head: SQ8 0.128 ns/dim, PQ128 0.56 ns/sub-quantizer), and a load of ~8 on the
+# 2 cores made the same scans ~3× slower (bench/BENCHMARKS.md, scale and query_latency).
+LATENCY_SHARE = 0.5
 
 KINDS = ("flat", "hnsw", "ivf")
 _RANK = {k: i for i, k in enumerate(KINDS)}
@@ -238,17 +270,36 @@ class SketchFile:
         return self.names, self.sketches, self.norms
 
 
-def sketch_bytes(emb: Embedding) -> bytes:
-    """A safetensors file holding ``sketches`` (M×k×k), ``norms`` (M) and the module names in its metadata."""
-    from safetensors.numpy import save
-
+def sketch_arrays(emb: Embedding) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(sorted module names, M×k×k float32 sketches, M float32 norms) as the sketch file stores them."""
     names = sorted(emb.sketches)
     k = emb.k
     z = np.stack([np.asarray(emb.sketches[n], dtype=np.float32) for n in names]) if names else np.zeros((0, k, k), np.float32)
     norms = np.asarray([emb.norms.get(n, 0.0) for n in names], dtype=np.float32)
-    meta = {"format": str(SKETCH_FILE_FORMAT), "names": json.dumps(names), "family": emb.family,
-            "k": str(k), "sketch_version": str(emb.sketch_version)}
-    return save({"sketches": np.ascontiguousarray(z), "norms": norms}, metadata=meta)
+    return names, np.ascontiguousarray(z), norms
+
+
+def sketch_bytes_of(names: list[str], z: np.ndarray, norms: np.ndarray, family: str, k: int, sketch_version: int) -> bytes:
+    """A safetensors file holding ``norms`` (M) and ``sketches`` (M×k×k) and the module names in its metadata.
+
+    Written here rather than by ``safetensors.numpy.save``, whose metadata order changes from
+    process to process: the same sketches give the same bytes in every worker and engine.
+    """
+    meta = {"format": str(SKETCH_FILE_FORMAT), "names": json.dumps(list(names)), "family": family,
+            "k": str(k), "sketch_version": str(sketch_version)}
+    nb = np.ascontiguousarray(norms, dtype="<f4").tobytes()
+    zb = np.ascontiguousarray(z, dtype="<f4").tobytes()
+    header = {"__metadata__": meta,
+              "norms": {"dtype": "F32", "shape": [int(np.shape(norms)[0])], "data_offsets": [0, len(nb)]},
+              "sketches": {"dtype": "F32", "shape": [int(d) for d in np.shape(z)], "data_offsets": [len(nb), len(nb) + len(zb)]}}
+    hb = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    return struct.pack("<Q", len(hb)) + hb + nb + zb
+
+
+def sketch_bytes(emb: Embedding) -> bytes:
+    """The sketch file of an embedding (see ``sketch_bytes_of``)."""
+    return sketch_bytes_of(*sketch_arrays(emb), emb.family, emb.k, emb.sketch_version)
 
 
 def read_sketch_file(path: Path) -> SketchFile:
@@ -272,9 +323,25 @@ def read_sketch_file(path: Path) -> SketchFile:
 # --------------------------------------------------------------------------- index policy and FAISS wrapper
 
 
+def _pq_shape(train: int, dim: int) -> tuple[int, int]:
+    """PQ sub-quantizers (~8 dims each, a divisor of dim) and bits (8, or 4 when too few training vectors for 256 centroids)."""
+    m = max(d for d in range(1, max(dim // 8, 1) + 1) if dim % d == 0)
+    return m, (8 if train >= 256 * 39 else 4)
+
+
 @dataclass(frozen=True)
 class IndexPolicy:
-    """How big an index must be before it changes type (see the comment on ``FLAT_MAX``)."""
+    """Index type and parameters from the size and a memory and latency budget (see the comment on ``FLAT_MAX``).
+
+    Args:
+        memory_bytes: what one (family, view) index may hold in RAM (codes, graph, training).
+        max_query_ms: the latency one search may take (``nprobe`` and the flat/IVF border follow it).
+        train_max: cap on IVF training vectors (0: from ``memory_bytes``).
+        nprobe_value: fixed IVF nprobe (0: from ``max_query_ms``).
+        codec_value: fixed IVF code type, ``Flat``, ``SQ8`` or ``PQ{m}x{bits}`` (empty: from ``memory_bytes``).
+        kmeans_iterations: k-means iterations of IVF training.
+        refine_factor: IVF candidates per result re-scored exactly (0: by code type, see ``refine_for``).
+    """
 
     flat_max: int = FLAT_MAX
     hnsw_max: int = HNSW_MAX
@@ -282,11 +349,31 @@ class IndexPolicy:
     hnsw_m: int = HNSW_M
     ef_construction: int = HNSW_EF_CONSTRUCTION
     ef_search: int = HNSW_EF_SEARCH
-    refine_factor: int = IVF_REFINE_FACTOR
+    refine_factor: int = 0
     tombstone_fraction: float = TOMBSTONE_REBUILD_FRACTION
+    max_query_ms: float = DEFAULT_MAX_QUERY_MS
+    train_max: int = 0
+    nprobe_value: int = 0
+    codec_value: str = ""
+    kmeans_iterations: int = IVF_KMEANS_ITERATIONS
+
+    @classmethod
+    def from_budget(cls, max_memory_bytes: int | None = None, max_query_ms: float | None = None, **kw: Any) -> IndexPolicy:
+        """The policy for a memory budget (bytes) and a latency budget (ms); None keeps the defaults."""
+        if max_memory_bytes is not None:
+            kw["memory_bytes"] = int(max_memory_bytes)
+        if max_query_ms is not None:
+            kw["max_query_ms"] = float(max_query_ms)
+        return cls(**kw)
+
+    # ---- type
+
+    def flat_ms(self, n: int, dim: int) -> float:
+        """Estimated exhaustive-scan time of n vectors (one core)."""
+        return n * dim * FLAT_NS_PER_DIM * 1e-6
 
     def _want(self, n: int, dim: int) -> str:
-        if n < self.flat_max:
+        if n < self.flat_max and self.flat_ms(n, dim) <= LATENCY_SHARE * self.max_query_ms:
             return "flat"
         if n < self.hnsw_max and 4 * n * (dim + 2 * self.hnsw_m) <= self.memory_bytes:
             return "hnsw"
@@ -299,23 +386,92 @@ class IndexPolicy:
             return current  # type: ignore[return-value]
         return want
 
-    @staticmethod
-    def nlist(n: int) -> int:
-        """autofaiss's first choice of IVF list count, capped so every list gets ~39 training points."""
-        x = 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))) if n < 1_000_000 else 16_384
-        return int(max(1, min(x, n // 39)))
+    # ---- IVF parameters
 
-    @staticmethod
-    def nprobe(nlist: int) -> int:
-        return int(min(nlist, max(8, nlist // 32)))
+    def train_size(self, n: int, dim: int) -> int:
+        """IVF training sample: at most ``memory_bytes / (16·dim)`` vectors (or ``train_max``)."""
+        cap = self.train_max or max(self.memory_bytes // (IVF_TRAIN_BYTES_FACTOR * max(dim, 1)), 1)
+        return int(max(1, min(n, cap)))
+
+    def nlist(self, n: int, dim: int) -> int:
+        """autofaiss's IVF list count 2^round(log2(4·√n)), capped so every list gets 32 training points."""
+        x = 2 ** round(math.log2(4 * math.sqrt(max(n, 1))))
+        return int(max(1, min(x, self.train_size(n, dim) // IVF_POINTS_PER_LIST)))
 
     def ivf_codec(self, n: int, dim: int) -> str:
-        """``Flat`` codes when they fit the budget, else PQ with ~8 dims per sub-quantizer."""
-        if 4 * n * (dim + 2) <= self.memory_bytes:
+        """Codes that fit ``CODE_MEMORY_SHARE`` of the budget: ``Flat``, else ``SQ8`` (1 byte/dim), else PQ."""
+        if self.codec_value:
+            return self.codec_value
+        room = CODE_MEMORY_SHARE * self.memory_bytes
+        if n * (4 * dim + 8) <= room:
             return "Flat"
-        m = max(d for d in range(1, max(dim // 8, 1) + 1) if dim % d == 0)
-        nbits = 8 if n >= 256 * 39 else 4
+        if n * (dim + 8) <= room:
+            return "SQ8"
+        m, nbits = _pq_shape(self.train_size(n, dim), dim)
         return f"PQ{m}x{nbits}"
+
+    @staticmethod
+    def scan_ns(codec: str, dim: int) -> float:
+        """Estimated ns to score one IVF code of this type (one core)."""
+        if codec.startswith("PQ"):
+            return PQ_NS_PER_SUBQUANTIZER * int(re.match(r"PQ(\d+)", codec).group(1))  # type: ignore[union-attr]
+        return (SQ8_NS_PER_DIM if codec.startswith("SQ") else FLAT_NS_PER_DIM) * dim
+
+    def refine_for(self, codec: str) -> int:
+        """Candidates per result an IVF search fetches: ``refine_factor`` if set, else ×20 for PQ, ×5 for SQ,
+        ×1 for exact ``Flat`` codes (whose scores need no re-score)."""
+        if self.refine_factor:
+            return int(self.refine_factor)
+        return 1 if codec in ("", "Flat") else SQ_REFINE_FACTOR if codec.startswith("SQ") else IVF_REFINE_FACTOR
+
+    def refine_ms(self, k: int, codec: str) -> float:
+        """Estimated exact re-score of k × refine factor candidates (compressed codes only)."""
+        return 0.0 if codec == "Flat" else k * self.refine_for(codec) * REFINE_MS_PER_ROW
+
+    def nprobe(self, nlist: int, n: int = 0, dim: int = 0, codec: str = "Flat", k: int = 10) -> int:
+        """Lists to scan: as many as ``LATENCY_SHARE · max_query_ms`` allows by the cost model (≥ 8)."""
+        if self.nprobe_value:
+            return int(min(nlist, self.nprobe_value))
+        if n <= 0 or dim <= 0:
+            return int(min(nlist, max(8, nlist // 32)))
+        per_list_ms = (n / max(nlist, 1)) * self.scan_ns(codec, dim) * 1e-6
+        room = LATENCY_SHARE * self.max_query_ms - self.refine_ms(k, codec) - (QUANTIZER_MS if nlist >= 1000 else 0.0)
+        p = int(room / per_list_ms) if per_list_ms > 0 else nlist
+        return int(min(nlist, max(min(8, nlist), p)))
+
+    def ivf_plan(self, n: int, dim: int) -> dict[str, Any]:
+        """What an IVF over n vectors would be: nlist, codec, training size, nprobe, memory and query estimates."""
+        nlist, codec = self.nlist(n, dim), self.ivf_codec(n, dim)
+        nprobe = self.nprobe(nlist, n, dim, codec)
+        code_bytes = 4 * dim if codec == "Flat" else dim if codec == "SQ8" else _pq_bytes(codec)
+        return {"nlist": nlist, "codec": codec, "train": self.train_size(n, dim), "nprobe": nprobe,
+                "code_bytes": n * (code_bytes + 8), "quantizer_bytes": nlist * dim * 4 + (nlist * 2 * HNSW_M * 4 if nlist >= 1000 else 0),
+                "est_query_ms": nprobe * (n / max(nlist, 1)) * self.scan_ns(codec, dim) * 1e-6 + self.refine_ms(10, codec)}
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"2GiB"``, ``"512MB"``, ``"1.5g"``, ``"1000000"`` -> bytes.
+
+    Raises:
+        BadInput: not a size.
+    """
+    from lorasearch.errors import BadInput
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if m is None or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
+        raise BadInput(f"not a memory size: {text!r} (e.g. 2GiB, 512MiB)", code="bad_parameter")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+
+
+def _pq_bytes(codec: str) -> int:
+    m = re.fullmatch(r"PQ(\d+)x(\d+)", codec)
+    return int(m.group(1)) * int(m.group(2)) // 8 if m else 0
 
 
 ChunkSource = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
@@ -345,6 +501,8 @@ class VectorIndex:
         self.generation = 0
         self.dirty = True  # content differs from the saved file (tombstones and generation are not content)
         self._selector: Any = None
+        self.mmapped = False  # inverted lists mapped from the file (IVF loaded read-only); see ``materialise``
+        self.path: Path | None = None
 
     # ---- building
 
@@ -369,12 +527,15 @@ class VectorIndex:
             h.hnsw.efConstruction = policy.ef_construction
             index = faiss.IndexIDMap2(h)
         elif kind == "ivf":
-            nlist = policy.nlist(n)
+            nlist = policy.nlist(n, dim)
             codec = policy.ivf_codec(n, dim)
             coarse = f"IVF{nlist}_HNSW32" if nlist >= 1000 else f"IVF{nlist}"
             index = faiss.index_factory(dim, f"{coarse},{codec}", faiss.METRIC_INNER_PRODUCT)
-            train = sample(min(n, max(100 * nlist, 10_000)))
+            ivf = faiss.extract_index_ivf(index)
+            ivf.cp.niter = policy.kmeans_iterations
+            train = sample(policy.train_size(n, dim))
             index.train(np.ascontiguousarray(train, dtype=np.float32))
+            del train
             trained_n = n
         else:
             raise ValueError(f"unknown index kind {kind!r}")
@@ -406,9 +567,16 @@ class VectorIndex:
     def live_count(self) -> int:
         return self.ntotal - len(self.tombstones)
 
+    def materialise(self) -> None:
+        """Replace a memory-mapped (read-only) index by an in-memory copy before it is changed."""
+        if self.mmapped and self.path is not None:
+            self.index = faiss.read_index(str(self.path))
+            self.mmapped = False
+
     def add(self, ids: np.ndarray, vecs: np.ndarray) -> None:
         if len(ids) == 0:
             return
+        self.materialise()
         self.dirty = True
         self.index.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
 
@@ -421,6 +589,7 @@ class VectorIndex:
             self.tombstones.update(int(i) for i in arr)
             self._selector = None
         else:
+            self.materialise()
             self.index.remove_ids(arr)
             self.dirty = True
 
@@ -457,7 +626,7 @@ class VectorIndex:
                 params.sel = self._selector[1]
         elif self.kind == "ivf":
             ivf = faiss.extract_index_ivf(self.index)
-            ivf.nprobe = self.policy.nprobe(ivf.nlist)
+            ivf.nprobe = self.policy.nprobe(ivf.nlist, self.ntotal, self.dim, self.codec or "Flat")
             quant = faiss.downcast_index(ivf.quantizer)
             if isinstance(quant, faiss.IndexHNSW):
                 quant.hnsw.efSearch = max(64, 2 * ivf.nprobe)
@@ -481,15 +650,22 @@ class VectorIndex:
         atomic_write_bytes(path.with_suffix(".json"), side, "json_rename")
 
     @classmethod
-    def load(cls, path: Path, policy: IndexPolicy) -> tuple[VectorIndex, dict[str, Any]]:
-        """Read an index and its sidecar (raises on anything unreadable)."""
+    def load(cls, path: Path, policy: IndexPolicy, mmap: bool = True) -> tuple[VectorIndex, dict[str, Any]]:
+        """Read an index and its sidecar (raises on anything unreadable).
+
+        An IVF index is memory-mapped (``IO_FLAG_MMAP``: its codes stay in the page cache, outside
+        the process's private memory, and only the lists searched are read); the first change
+        reads it fully (``materialise``).
+        """
         side = json.loads(path.with_suffix(".json").read_text())
-        index = faiss.read_index(str(path))
+        mapped = bool(mmap and side.get("index_type") == "ivf")
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY) if mapped else faiss.read_index(str(path))
         vi = cls(side["index_type"], index, int(side["dim"]), side.get("codec", ""), int(side.get("trained_n", 0)), policy)
         if vi.kind not in KINDS or index.d != vi.dim:
             raise ValueError(f"sidecar says {vi.kind}/{vi.dim}, file holds d={index.d}")
         vi.generation = int(side["generation"])
         vi.dirty = False
+        vi.mmapped, vi.path = mapped, path
         return vi, side
 
 
@@ -595,13 +771,68 @@ def _default_name(source: Mapping[str, Any]) -> str:
 
 
 @dataclass(eq=False)
-class _Prepared:
-    ld: LoraDelta
-    emb: Embedding
-    source: dict[str, Any]
-    labels: list[str]
+class EntryRecord:
+    """One LoRA as the store writes it, without its factors: what an embedding shard carries.
+
+    ``record_from(ld, emb, source, labels)`` makes one from a read LoRA; ``Store.add_records``
+    writes them (``Store.add_many`` goes through it too, so both paths write the same rows).
+    ``header_json`` / ``info_json`` are the exact strings stored; ``sketch_*`` the sketch file's
+    arrays (empty: no sketch file); ``weights`` / ``config`` the files a blob copy is made from.
+    """
+
     autov3: str
-    blob: str | None
+    family: str
+    format: str
+    k: int
+    dim: int
+    sketch_version: int
+    vectors: dict[str, np.ndarray]
+    sketch_names: list[str] = field(default_factory=list)
+    sketches: np.ndarray | None = None
+    sketch_norms: np.ndarray | None = None
+    norm: float | None = None
+    file_sha256: str | None = None
+    bytes: int | None = None
+    dtype: str = ""
+    rank_min: int | None = None
+    rank_max: int | None = None
+    modules: int = 0
+    needs_base: bool = False
+    header_json: str = "{}"
+    info_json: str = "{}"
+    weights: str | None = None
+    config: str | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
+
+    def sketch_file_bytes(self) -> bytes | None:
+        if self.sketches is None or self.sketch_norms is None:
+            return None
+        return sketch_bytes_of(self.sketch_names, self.sketches, self.sketch_norms, self.family, self.k, self.sketch_version)
+
+
+def record_from(ld: LoraDelta, emb: Embedding, source: Mapping[str, Any], labels: Sequence[str] | None = None) -> EntryRecord:
+    """The store's row, vectors and sketch arrays of one read and embedded LoRA.
+
+    Raises:
+        StoreError: the embedding's family differs from the LoRA's.
+    """
+    if emb.family != ld.family:
+        raise StoreError(f"embedding family {emb.family!r} differs from the LoRA's {ld.family!r}")
+    rr = ld.rank_range()
+    names, z, norms = sketch_arrays(emb)
+    return EntryRecord(
+        autov3=str(ld.source.get("autov3") or content_hash(ld)).upper(), family=ld.family, format=ld.format,
+        k=emb.k, dim=emb.dim, sketch_version=emb.sketch_version,
+        vectors={v: np.ascontiguousarray(x, dtype="<f4") for v, x in emb.vectors.items()},
+        sketch_names=names, sketches=z, sketch_norms=norms,
+        norm=float(np.sqrt(sum(v * v for v in emb.norms.values()))),
+        file_sha256=ld.source.get("file_sha256"), bytes=ld.source.get("bytes"),
+        dtype=",".join(ld.metadata.get("dtypes", [])), rank_min=rr["min"], rank_max=rr["max"], modules=len(ld.modules),
+        needs_base=bool(ld.needs_base), header_json=json.dumps(ld.header_metadata, default=str),
+        info_json=json.dumps(info_dict(ld), default=str), weights=ld.source.get("weights"), config=ld.source.get("config"),
+        source=dict(source), labels=[str(x) for x in (labels or [])],
+    )
 
 
 # --------------------------------------------------------------------------- the store
@@ -624,6 +855,7 @@ class Store:
         self.keep_files = keep_files
         self.readonly = readonly
         self.policy = policy or IndexPolicy()
+        self._policy_given = policy is not None
         self.db_path = self.root / DB_NAME
         if not self.db_path.is_file():
             if readonly or not create:
@@ -646,6 +878,35 @@ class Store:
             self._check_schema()
             self._conn.execute("PRAGMA query_only=ON")
         self._gen_seen = self.generation()
+        if not self._policy_given:
+            self.policy = self._stored_policy()
+
+    def _stored_policy(self) -> IndexPolicy:
+        """The policy ``set_policy`` recorded in the store (so indexer and server size indexes alike), else defaults."""
+        raw = self._meta("index_policy")
+        if raw is None:
+            return IndexPolicy()
+        try:
+            names = {f.name for f in dataclasses.fields(IndexPolicy)}
+            return IndexPolicy(**{k: v for k, v in json.loads(raw).items() if k in names})
+        except (ValueError, TypeError) as exc:
+            _log(f"ignoring unreadable index policy {raw!r} ({exc})")
+            return IndexPolicy()
+
+    def set_policy(self, policy: IndexPolicy) -> None:
+        """Record ``policy`` (budget and thresholds) in the store and use it from now on.
+
+        Every process that opens the store without a policy of its own (the server, the
+        indexers) then sizes and searches indexes alike; an index whose type no longer fits is
+        rebuilt at the next write or load.
+        """
+        self._writable()
+        budget = {f.name: getattr(policy, f.name) for f in dataclasses.fields(IndexPolicy)}
+        with self.transaction() as c:
+            c.execute("INSERT INTO meta(key, value) VALUES ('index_policy', ?) "
+                      "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (json.dumps(budget),))
+        self.policy = policy
+        self._indexes.clear()
 
     # ---- schema and transactions
 
@@ -764,9 +1025,8 @@ class Store:
     def _blob_rel(self, sha256: str) -> str:
         return f"blobs/{sha256[:2]}/{sha256}.safetensors"
 
-    def _copy_blob(self, ld: LoraDelta) -> str | None:
-        """Copy the LoRA's weights file (and PEFT config) into ``blobs/``, verifying its sha256 on the way."""
-        weights, sha = ld.source.get("weights"), ld.source.get("file_sha256")
+    def _copy_blob(self, weights: str | None, sha: str | None, cfg: str | None) -> str | None:
+        """Copy a LoRA's weights file (and PEFT config) into ``blobs/``, verifying its sha256 on the way."""
         if not weights or not sha or not Path(weights).is_file():
             return None
         rel = self._blob_rel(sha)
@@ -782,7 +1042,6 @@ class Store:
                     raise StoreError(f"{weights}: file changed while it was being indexed (sha256 differs)")
 
             atomic_write(dest, write, "blob_rename", self._tmp_dir)
-        cfg = ld.source.get("config")
         cdest = dest.with_name(f"{sha}.adapter_config.json")
         if cfg and Path(cfg).is_file() and not cdest.is_file():
             atomic_write_bytes(cdest, Path(cfg).read_bytes(), "blob_rename", self._tmp_dir)
@@ -815,22 +1074,44 @@ class Store:
             StoreError: read-only store, or k/dim/sketch version differ from the store's.
         """
         self._writable()
-        prepared = [self._prepare(*it) for it in items]
-        if not prepared:
-            return []
-        sketches = {self._sketch_path(p.autov3): p.emb for p in prepared}
-        atomic_write_many([(path, sketch_bytes(emb)) for path, emb in sketches.items() if not path.is_file()],
-                          "sketch_rename", self._tmp_dir)
+        return self.add_records([record_from(*it) for it in items])
+
+    def add_records(self, records: Iterable[EntryRecord], chunk: int = 512) -> list[tuple[int, bool]]:
+        """Write LoRA records in ONE transaction and one FAISS save per touched (family, view).
+
+        ``records`` may be a lazy iterator (e.g. read shard by shard): it is consumed
+        ``chunk`` records at a time, each chunk's sketch files and blob copies written
+        (content-addressed: harmless orphans if the transaction does not commit) and its
+        rows inserted, so a merge of millions never holds them all. The FAISS indexes are
+        then brought up to date from SQLite (streamed, see ``_build``).
+
+        Returns:
+            per record (row id, newly added), as ``add_many``.
+        """
+        self._writable()
         out: list[tuple[int, bool]] = []
         touched: set[tuple[str, str]] = set()
         changed = False
+        it = iter(records)
+
+        def next_part() -> tuple[list[EntryRecord], list[str | None]]:
+            part = [r for _, r in zip(range(chunk), it)]
+            atomic_write_many([(p, b) for p, b in self._record_files(part) if b is not None], "sketch_rename", self._tmp_dir)
+            return part, [self._copy_blob(r.weights, r.file_sha256, r.config) if self.keep_files else None for r in part]
+
+        # the first chunk's files are written before the write lock is taken (add_many's batches: all of it)
+        part, blobs = next_part()
+        if not part:
+            return []
         with self.transaction() as c:
-            self._check_params(c, prepared)
-            for p in prepared:
-                lid, new, views, any_change = self._insert(c, p)
-                out.append((lid, new))
-                touched.update((p.ld.family, v) for v in views)
-                changed = changed or any_change
+            while part:
+                self._check_params(c, part)
+                for r, blob in zip(part, blobs):
+                    lid, new, views, any_change = self._insert(c, r, blob)
+                    out.append((lid, new))
+                    touched.update((r.family, v) for v in views)
+                    changed = changed or any_change
+                part, blobs = next_part()
             if changed:
                 gen = self._bump(c)
                 for fam, view in touched:
@@ -841,20 +1122,20 @@ class Store:
         self._after_commit(touched)
         return out
 
-    def _prepare(self, ld: LoraDelta, emb: Embedding, source: Mapping[str, Any], labels: list[str] | None = None) -> _Prepared:
-        """File work before the transaction: the blob copy (content-addressed, so an orphan is harmless)."""
-        if emb.family != ld.family:
-            raise StoreError(f"embedding family {emb.family!r} differs from the LoRA's {ld.family!r}")
-        autov3 = str(ld.source.get("autov3") or content_hash(ld)).upper()
-        blob = self._copy_blob(ld) if self.keep_files else None
-        labs = [str(x) for x in (labels or [])]
-        return _Prepared(ld, emb, dict(source), labs, autov3, blob)
+    def _record_files(self, part: list[EntryRecord]) -> list[tuple[Path, bytes | None]]:
+        """Sketch files not yet on disk (one per content)."""
+        seen: dict[Path, EntryRecord] = {}
+        for r in part:
+            path = self._sketch_path(r.autov3)
+            if r.sketches is not None and path not in seen and not path.is_file():
+                seen[path] = r
+        return [(p, r.sketch_file_bytes()) for p, r in seen.items()]
 
-    def _check_params(self, c: sqlite3.Connection, prepared: list[_Prepared]) -> None:
-        e0 = prepared[0].emb
-        want = {"k": e0.k, "dim": e0.dim, "sketch_version": e0.sketch_version}
-        for p in prepared:
-            got = {"k": p.emb.k, "dim": p.emb.dim, "sketch_version": p.emb.sketch_version}
+    def _check_params(self, c: sqlite3.Connection, part: list[EntryRecord]) -> None:
+        r0 = part[0]
+        want = {"k": r0.k, "dim": r0.dim, "sketch_version": r0.sketch_version}
+        for r in part:
+            got = {"k": r.k, "dim": r.dim, "sketch_version": r.sketch_version}
             if got != want:
                 raise StoreError(f"embeddings in one batch differ: {got} vs {want}")
         for key, val in want.items():
@@ -864,46 +1145,41 @@ class Store:
             elif int(row[0]) != val:
                 raise StoreError(f"{self.root}: store holds {key}={row[0]}, embedding has {key}={val}; re-embed with the store's settings")
 
-    def _insert(self, c: sqlite3.Connection, p: _Prepared) -> tuple[int, bool, list[str], bool]:
+    def _insert(self, c: sqlite3.Connection, r: EntryRecord, blob: str | None) -> tuple[int, bool, list[str], bool]:
         """Insert or merge one LoRA. Returns (id, newly added, views touched, anything changed)."""
-        src = p.source
+        src = r.source
         now = _now()
-        row = c.execute("SELECT id, deleted, blob FROM loras WHERE autov3=?", (p.autov3,)).fetchone()
+        row = c.execute("SELECT id, deleted, blob FROM loras WHERE autov3=?", (r.autov3,)).fetchone()
         if row is not None:
             lid = int(row["id"])
             cur = c.execute("INSERT OR IGNORE INTO sources(lora_id, source, repo, revision, path, added_at) VALUES (?,?,?,?,?,?)",
                             (lid, str(src.get("source") or ""), src.get("repo"), src.get("revision"), str(src.get("path") or ""), now))
             changed = cur.rowcount > 0
-            if row["blob"] is None and p.blob is not None:
-                c.execute("UPDATE loras SET blob=? WHERE id=?", (p.blob, lid))
+            if row["blob"] is None and blob is not None:
+                c.execute("UPDATE loras SET blob=? WHERE id=?", (blob, lid))
                 changed = True
             if row["deleted"]:
                 c.execute("UPDATE loras SET deleted=0 WHERE id=?", (lid,))
-                views = [r[0] for r in c.execute("SELECT view FROM vectors WHERE lora_id=?", (lid,))]
+                views = [v[0] for v in c.execute("SELECT view FROM vectors WHERE lora_id=?", (lid,))]
                 return lid, True, views, True
             return lid, False, [], changed
-        ld, emb = p.ld, p.emb
-        rr = ld.rank_range()
-        norm = float(np.sqrt(sum(v * v for v in emb.norms.values())))
-        info = info_dict(ld)
         cur = c.execute(
             "INSERT INTO loras(name, family, format, file_sha256, autov3, bytes, dtype, rank_min, rank_max, modules, norm,"
             " needs_base, labels, header_metadata, info, blob, k, dim, sketch_version, added_at)"
             " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (str(src.get("name") or _default_name(src)), ld.family, ld.format, ld.source.get("file_sha256"), p.autov3,
-             ld.source.get("bytes"), ",".join(ld.metadata.get("dtypes", [])), rr["min"], rr["max"], len(ld.modules), norm,
-             int(ld.needs_base), json.dumps(p.labels), json.dumps(ld.header_metadata, default=str),
-             json.dumps(info, default=str), p.blob, emb.k, emb.dim, emb.sketch_version, now),
+            (str(src.get("name") or _default_name(src)), r.family, r.format, r.file_sha256, r.autov3,
+             r.bytes, r.dtype, r.rank_min, r.rank_max, r.modules, r.norm,
+             int(r.needs_base), json.dumps(r.labels), r.header_json, r.info_json, blob, r.k, r.dim, r.sketch_version, now),
         )
         lid = int(cur.lastrowid)
         c.execute("INSERT INTO sources(lora_id, source, repo, revision, path, added_at) VALUES (?,?,?,?,?,?)",
                   (lid, str(src.get("source") or ""), src.get("repo"), src.get("revision"), str(src.get("path") or ""), now))
-        for view, vec in emb.vectors.items():
+        for view, vec in r.vectors.items():
             v = np.ascontiguousarray(vec, dtype="<f4")
-            if v.shape != (emb.dim,):
-                raise StoreError(f"view {view!r} vector has shape {v.shape}, expected ({emb.dim},)")
+            if v.shape != (r.dim,):
+                raise StoreError(f"view {view!r} vector has shape {v.shape}, expected ({r.dim},)")
             c.execute("INSERT INTO vectors(lora_id, view, vec) VALUES (?,?,?)", (lid, view, v.tobytes()))
-        return lid, True, list(emb.vectors), True
+        return lid, True, list(r.vectors), True
 
     def delete(self, lora_id: int) -> bool:
         """Hide a LoRA from search and listings (row, vectors and files are kept, so re-adding revives it).
@@ -1153,7 +1429,7 @@ class Store:
         if q.shape[0] != vi.dim or nq == 0:
             return []
         q = q / nq
-        fetch = k * self.policy.refine_factor if vi.kind == "ivf" else k + 8
+        fetch = max(k * self.policy.refine_for(vi.codec), k + 8) if vi.kind == "ivf" else k + 8
         with self._lock:
             ids, scores = vi.search(q, fetch)
         if vi.kind == "ivf" and vi.codec != "Flat" and len(ids):

@@ -241,7 +241,8 @@ def _exact_top(x: np.ndarray, q: np.ndarray, ids: np.ndarray, k: int) -> set[int
     (15, SMALL, "flat", "", 1.0),
     (60, SMALL, "hnsw", "", 0.95),
     (240, SMALL, "ivf", "Flat", 0.9),
-    (240, IndexPolicy(flat_max=20, hnsw_max=80, memory_bytes=16 * 1024), "ivf", "PQ4x4", 0.9),
+    (240, IndexPolicy(flat_max=20, hnsw_max=80, memory_bytes=8 * 1024), "ivf", "PQ4x4", 0.9),
+    (240, IndexPolicy(flat_max=20, hnsw_max=80, memory_bytes=16 * 1024), "ivf", "SQ8", 0.9),
 ])
 def test_index_types_and_recall(tmp_path: Path, n: int, policy: IndexPolicy, kind: str, codec: str, min_recall: float) -> None:
     x = clustered(n, 32, seed=n)
@@ -300,7 +301,13 @@ def test_choose_has_hysteresis() -> None:
     assert [p.choose(n, 8) for n in (10, 100, 999, 1000)] == ["flat", "hnsw", "hnsw", "ivf"]
     assert p.choose(90, 8, "hnsw") == "hnsw" and p.choose(40, 8, "hnsw") == "flat"
     assert IndexPolicy().choose(100_000, 1024) == "hnsw" and IndexPolicy().choose(1_000_000, 1024) == "ivf"
-    assert IndexPolicy().ivf_codec(1_000_000, 1024) == "PQ128x8" and IndexPolicy.nlist(1_000_000) == 16_384
+    assert IndexPolicy().ivf_codec(1_000_000, 1024) == "SQ8" and IndexPolicy().nlist(1_000_000, 1024) == 4096
+    assert IndexPolicy().ivf_codec(5_000_000, 1024) == "PQ128x8" and IndexPolicy().train_size(5_000_000, 1024) == 131_072
+    assert IndexPolicy.from_budget(2**40, 10).choose(500_000, 1024) == "hnsw"
+    assert IndexPolicy.from_budget(2**30, 10).choose(500_000, 1024) == "ivf"
+    assert IndexPolicy.from_budget(max_query_ms=1.0).choose(10_000, 1024) == "hnsw"  # a flat scan would take ~2.8 ms
+    tight, loose = IndexPolicy.from_budget(max_query_ms=5), IndexPolicy.from_budget(max_query_ms=20)
+    assert tight.nprobe(4096, 1_000_000, 1024, "SQ8") < loose.nprobe(4096, 1_000_000, 1024, "SQ8")
 
 
 # --------------------------------------------------------------------------- repair on load
