@@ -216,6 +216,7 @@ def index(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address for --engine ray (default: start a local Ray on 127.0.0.1)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget of one index, e.g. 2GiB (sets the index type and IVF codes)."),
     max_query_ms: Optional[float] = typer.Option(None, "--max-query-ms", min=0.01, help="Latency budget of one index search in ms (sets flat/IVF and nprobe)."),
+    watch: bool = typer.Option(False, "--watch", help="Keep running: index new and changed files, drop removed ones (file events, polling fallback; half-written files wait until stable; SIGUSR1 rescans, Ctrl-C stops)."),
 ) -> None:
     """Index LoRAs into a store; re-running resumes an interrupted job, and the same content twice is one entry."""
     from indexer import run_index
@@ -228,6 +229,8 @@ def index(
         raise BadInput(f"--engine must be local or ray, not {engine!r}", code="bad_parameter")
     if address and engine != "ray":
         raise BadInput("--address needs --engine ray", code="bad_parameter")
+    if watch and engine != "local":
+        raise BadInput("--watch runs the local engine; drop --engine ray", code="bad_parameter")
     try:
         if max_memory is not None or max_query_ms is not None:  # the budget is the store's: its server uses it too
             budget: dict[str, Any] = {}
@@ -242,6 +245,11 @@ def index(
 
             summary = run_index_ray(sources, db, address=address, keep_files=not no_keep_files, endpoint=endpoint,
                                     labels=label or None, num_cpus=workers if workers > 1 else None)
+        elif watch:
+            from indexer.watch import watch as run_watch
+
+            summary = run_watch(sources, db, workers=workers, keep_files=not no_keep_files, endpoint=endpoint,
+                                labels=label or None)
         else:
             summary = run_index(sources, db, workers=workers, keep_files=not no_keep_files, progress=not as_json,
                                 endpoint=endpoint, labels=label or None)

@@ -134,3 +134,25 @@ def test_manual_rescan_syncs_removals_made_while_not_watching(shared_loras: Path
     assert s3["added"] == 1 and s3["removed"] == 1
     rows = _live(db)
     assert len(rows) == 1 and rows[0]["autov3"] == s1_autov3
+
+
+def test_cli_index_watch_until_sigterm(shared_loras: Path, tmp_path: Path) -> None:
+    """``lorasearch index DIR --watch``: picks up a file dropped in later, stops cleanly on SIGTERM."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    folder, db = tmp_path / "loras", tmp_path / "db"
+    folder.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "lorasearch.cli", "index", str(folder), "--db", str(db), "--watch", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait(lambda: (db / "lorasearch.sqlite").is_file(), timeout=60)
+        shutil.copy(shared_loras / SD15, folder / "late.safetensors")
+        assert _wait(lambda: len(_live(db)) == 1, timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["added"] >= 1
