@@ -11,16 +11,30 @@ Writes (``POST /v1/loras``, ``DELETE /v1/loras/{id}``) need ``Authorization:
 Bearer <token>`` with the token from ``--token-file``; without a token file
 they are disabled (403). Each write opens its own writable ``Store`` while
 holding the indexer's lock (``DB/indexer.lock``): 409 while an indexing run
-holds it. The API never fetches URLs given by a client.
+holds it. After a write the family's collection map is refreshed in the
+background (``api.maps``: coalesced, in a child process); until then
+``GET /v1/map`` drops deleted LoRAs and lists new ones as ``unplaced``.
+
+``POST /v1/attribute`` is ``lorasearch attribute --json`` for an uploaded
+LoRA (file or PEFT folder files) or full checkpoint. A checkpoint needs
+``base=<hub id>``, which must already be on the server (``DB/bases/`` or the
+local Hugging Face cache, see ``api.bases``): the API never fetches URLs or
+hub repositories given by a client, and never opens server paths a client
+names (422 ``bad_base`` / ``base_not_local``).
+
+``/v1/query`` answers with a ``Server-Timing`` header (upload, wait, load,
+search, info, resume, encode) and hashes the upload only with ``hashes=true``.
 """
 from __future__ import annotations
 
 import contextlib
+import gc
 import hmac
 import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Literal, Optional, TypeVar
@@ -30,11 +44,13 @@ from fastapi import Depends, FastAPI, Path as PathParam, Query, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
+from starlette.background import BackgroundTask
 from starlette.staticfiles import StaticFiles
 
 import lorasearch
 from api import schemas
 from api.errors import STATUS_MEANING, ApiError, from_bad_input, install_handlers, json_safe
+from api.maps import MapRefresher, live_map
 from api.uploads import CLOSE, LoraUpload, Upload, receive_upload
 from lorasearch.errors import BadInput
 from lorasearch.search import DeltaCache
@@ -69,6 +85,76 @@ class LockedDeltaCache(DeltaCache):
     def get(self, sha256: str, path: Path) -> Any:
         with self._lock:
             return super().get(sha256, path)
+
+
+class Timing:
+    """Stage durations of one request, for its ``Server-Timing`` header (stage names are tokens)."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+        self.stages: list[tuple[str, float]] = []
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.stages.append((stage, (now - self.t) * 1e3))
+        self.t = now
+
+    def header(self) -> str:
+        return ", ".join(f"{name};dur={ms:.2f}" for name, ms in self.stages)
+
+
+class HeapFreezer:
+    """Keeps the cyclic garbage collector's full passes off the request path.
+
+    The process holds ~130k long-lived container objects (imports, the store, the candidate caches); a
+    full (generation 2) collection walks all of them and took 86-122 ms here, once every ~50 queries, which
+    landed on one query each time (its p99). ``gc.freeze()`` moves what is alive into a generation that is
+    never scanned: once at start-up, and once more when the caches are warm (after ``warm`` requests).
+    Garbage is collected first, so nothing unreachable is frozen (a cycle among frozen objects that
+    dies later is not reclaimed: the frozen set is the start-up and warm-cache heap, which lives as long
+    as the process).
+    """
+
+    def __init__(self, warm: int = 32) -> None:
+        self.warm = warm
+        self.count = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def freeze() -> None:
+        gc.collect()
+        gc.freeze()
+
+    def tick(self) -> None:
+        """Count one request; at the ``warm``-th, collect and freeze (in the caller's thread)."""
+        with self._lock:
+            self.count += 1
+            due = self.count == self.warm
+        if due:
+            self.freeze()
+
+
+class TotalTiming:
+    """ASGI middleware: a ``Server-Timing: app;dur=...`` header on every HTTP response (request start to response
+    start, inside the app), beside the route's own stages."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+
+        async def timed_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                ms = (time.perf_counter() - t0) * 1e3
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"server-timing", f"app;dur={ms:.2f}".encode())]}
+            await send(message)
+
+        await self.app(scope, receive, timed_send)
 
 
 @dataclass
@@ -125,6 +211,25 @@ FILE_DESC = ("A LoRA .safetensors file. For a PEFT adapter send the field twice:
              "adapter_config.json. Pickled files (.bin/.pt/.ckpt) are refused.")
 
 
+ATTRIBUTE_FILE_DESC = ("A LoRA .safetensors file (for a PEFT adapter send the field twice: adapter_model.safetensors "
+                       "and adapter_config.json), or a full checkpoint .safetensors with the base parameter. Pickled "
+                       "files (.bin/.pt/.ckpt) are refused.")
+
+
+def _client_view(obj: Any, lu: LoraUpload, extra: dict[str, str]) -> Any:
+    """``obj`` with the server's temp paths replaced by the client's file names (and ``extra`` strings swapped)."""
+    from api.errors import scrub
+
+    subs = [*extra.items(), *lu.replacements()]
+    if isinstance(obj, dict):
+        return {k: _client_view(v, lu, extra) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_client_view(v, lu, extra) for v in obj]
+    if isinstance(obj, str):
+        return extra.get(obj) or scrub(obj, subs)
+    return obj
+
+
 def _lora_info(lu: LoraUpload, ld: Any) -> dict[str, Any]:
     """``info --json`` of an uploaded LoRA, with the client's file names instead of temp paths."""
     from lorasearch.report import info_dict
@@ -152,6 +257,8 @@ def create_app(db: str | Path, max_upload_mb: float = 512, token_file: str | Pat
     settings = Settings(Path(db), max(1, int(max_upload_mb * 2**20)), read_token(token_file),
                         Path(tmp_dir) if tmp_dir is not None else None)
     cache = LockedDeltaCache()
+    maps = MapRefresher(settings.db)
+    freezer = HeapFreezer()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -159,16 +266,23 @@ def create_app(db: str | Path, max_upload_mb: float = 512, token_file: str | Pat
         # process only shares the core (all finish late) and multiplies the memory held. Queued requests
         # wait on this semaphore without a thread; --workers scales across cores.
         app.state.cpu_slots = anyio.Semaphore(max(1, query_concurrency))
+        # An attribution can take seconds (a full checkpoint streamed against its base): its own slot, so the
+        # queries of this process go on beside it.
+        app.state.attribution_slots = anyio.Semaphore(1)
         app.state.store = Store(settings.db, create=False, readonly=True)
+        freezer.freeze()
         try:
             yield
         finally:
+            maps.stop()
             app.state.store.close()
 
     app = FastAPI(title="lorasearch", version=lorasearch.__version__, lifespan=lifespan,
                   default_response_class=JSONOut,
                   description="Find LoRAs by their weights: upload a LoRA, get its nearest indexed LoRAs.")
     app.state.settings = settings
+    app.state.maps = maps
+    app.add_middleware(TotalTiming)
     install_handlers(app)
     bearer = HTTPBearer(auto_error=False, description="Token from the server's --token-file (writes only).")
 
@@ -240,33 +354,49 @@ def create_app(db: str | Path, max_upload_mb: float = 512, token_file: str | Pat
     def collection_map(request: Request, family: str = Query(..., min_length=1, max_length=500)) -> JSONOut:
         """The 2-D map of one family's collection (computed at index time)."""
         try:
-            from lorasearch.collection_map import load_map
+            from lorasearch.collection_map import MAP_VIEW, load_map
         except ImportError:
             raise ApiError(404, "no_map", "collection maps are not available in this build "
                            "(lorasearch.collection_map is missing)") from None
+        st = store(request)
         try:
-            m = load_map(store(request).root, family)
+            m = load_map(st.root, family)
         except (OSError, ValueError) as exc:
             raise ApiError(404, "no_map", f"no readable collection map for family {family!r} ({exc})") from None
+        live = [int(r[0]) for r in st.execute(
+            "SELECT l.id FROM loras l JOIN vectors v ON v.lora_id = l.id WHERE l.family=? AND l.deleted=0"
+            " AND v.view=? ORDER BY l.id", (family, MAP_VIEW))]
+        if m is None and live:  # LoRAs of a new family added through the API: their first map is on its way
+            m = {"family": family, "view": MAP_VIEW, "method": None, "points": [],
+                 "note": "the map of this family is being computed"}
         if m is None:
             raise ApiError(404, "no_map", f"no collection map for family {family!r} (maps are computed at index time)")
-        return JSONOut(m)
+        out = live_map(m, live)
+        out["refreshing"] = maps.pending
+        return JSONOut(out)
 
     # ---- uploads -----------------------------------------------------------------------------------------
 
     async def upload(request: Request, fields: tuple[str, ...]) -> Upload:
         return await receive_upload(request, fields, settings.max_upload_bytes, settings.tmp_dir)
 
-    def run_query(st: Store, lu: LoraUpload, view: str, k: int, groups: list[str] | None) -> dict[str, Any]:
+    def run_query(st: Store, lu: LoraUpload, view: str, k: int, groups: list[str] | None, hashes: bool,
+                  timing: Timing) -> dict[str, Any]:
         from lorasearch.search import query
 
-        ld = lu.load(settings.max_upload_bytes)
+        timing.lap("wait")
+        ld = lu.load(settings.max_upload_bytes, hashes=hashes)
+        timing.lap("load")
         try:
             res = query(st, ld, view=view, k=k, groups=groups or None, cache=cache)
         except BadInput as exc:
             raise from_bad_input(exc, lu.replacements()) from None
+        timing.lap("search")
         res.setdefault("query", lu.name)
         res["query_lora"] = _lora_info(lu, ld)
+        timing.lap("info")
+        del ld  # freed here, not on the way back to the event loop
+        freezer.tick()
         return res
 
     @app.post("/v1/query", response_model=None, openapi_extra=_multipart_body({"file": FILE_DESC}), tags=["search"],
@@ -276,12 +406,29 @@ def create_app(db: str | Path, max_upload_mb: float = 512, token_file: str | Pat
         k: int = Query(10, ge=1, le=1000, description="Number of results."),
         view: View = Query("delta", description="delta (identity, exact re-rank), style (per-module normalised) or paper."),
         groups: Optional[list[Group]] = Query(None, description="Module groups for the style view (repeatable)."),
+        hashes: bool = Query(False, description="Also hash the upload (query_lora's file_sha256, autov2, autov3; "
+                             "null otherwise). The search does not need them; they cost ~3 ms per MB."),
     ) -> JSONOut:
-        """The indexed LoRAs closest to the uploaded one, within its family: the JSON of ``lorasearch query --json``."""
-        with await upload(request, ("file",)) as up:
+        """The indexed LoRAs closest to the uploaded one, within its family: the JSON of ``lorasearch query --json``.
+
+        The ``Server-Timing`` header splits the server's time: upload (receive, parse, spool), wait (for a
+        compute slot and a thread), load (read the LoRA), search, info, resume (back from the thread), encode
+        (JSON). The spooled upload is removed after the response is sent."""
+        timing = Timing()
+        up = await upload(request, ("file",))
+        try:
+            timing.lap("upload")
             lu = up.lora("file")
-            res = await cpu_bound(run_query, store(request), lu, view, k, list(groups) if groups else None)
-        return JSONOut(res)
+            res = await cpu_bound(run_query, store(request), lu, view, k, list(groups) if groups else None, hashes,
+                                  timing)
+            timing.lap("resume")
+            out = JSONOut(res, background=BackgroundTask(up.close))
+        except BaseException:
+            up.close()
+            raise
+        timing.lap("encode")
+        out.headers["Server-Timing"] = timing.header()
+        return out
 
     def run_compare(a: LoraUpload, b: LoraUpload) -> dict[str, Any]:
         from lorasearch.frobenius import compare
@@ -302,11 +449,58 @@ def create_app(db: str | Path, max_upload_mb: float = 512, token_file: str | Pat
             res = await cpu_bound(run_compare, a, b)
         return JSONOut(res)
 
-    @app.post("/v1/attribute", response_model=None, openapi_extra=_multipart_body({"file": FILE_DESC}),
-              tags=["search"], responses=_responses(501))
-    async def attribute_route() -> JSONOut:
-        """Which indexed LoRAs an uploaded (merged) LoRA is made of: not implemented yet."""
-        raise ApiError(501, "not_implemented", "attribution is not implemented yet", CLOSE)
+    def run_attribute(st: Store, lu: LoraUpload, base: str | None, th: Any) -> dict[str, Any]:
+        from lorasearch.attribution import attribute
+        from lorasearch.attribution.engine import local_files
+
+        assert lu.weights.path is not None
+        if base is not None:
+            from api.bases import parse_base
+
+            parse_base(base)  # a URL or a path is refused even where no base is needed
+        try:
+            kinds = {tf.kind for tf in local_files(lu.weights.path)} if lu.config is None else {"lora"}
+            if "checkpoint" in kinds:
+                # a full checkpoint: ΔW against a base that must already be on this server
+                if base is None:
+                    raise ApiError(422, "needs_base", f"{lu.name}: a full checkpoint: give base=<hub id> (the model "
+                                   "it was fine-tuned from; it must have a local copy on the server) to form ΔW")
+                from api.bases import resolve_base
+
+                local = resolve_base(base, settings.db)
+                res = attribute(st, lu.weights.path, base=str(local), thresholds=th, cache=cache)
+                return _client_view(res, lu, {str(local): base})
+            ld = lu.load(settings.max_upload_bytes, hashes=False)  # attribution compares weights, not files
+            ld.source["path"] = lu.name
+            res = attribute(st, ld, thresholds=th, cache=cache)
+        except BadInput as exc:
+            raise from_bad_input(exc, lu.replacements()) from None
+        return _client_view(res, lu, {})
+
+    @app.post("/v1/attribute", response_model=None, openapi_extra=_multipart_body({"file": ATTRIBUTE_FILE_DESC}),
+              tags=["search"], responses=_responses(400, 413, 415, 422, ok=schemas.AttributeResponse))
+    async def attribute_route(
+        request: Request,
+        base: Optional[str] = Query(None, min_length=1, max_length=300, description=(
+            "Base model of an uploaded full checkpoint, as a hub id (owner/name[@revision]). Only a copy already on "
+            "the server is used (the store's bases/ folder or the local Hugging Face cache); the API never "
+            "downloads it (422 base_not_local). Ignored for LoRA uploads.")),
+        max_fpr: float = Query(1e-4, ge=0.0, le=1.0, description="A component counts when its calibrated "
+                               "false-positive rate is at most this."),
+        min_cosine: float = Query(0.1, ge=0.0, le=1.0, description="... and its (partial) cosine with the target "
+                                  "is at least this."),
+        max_components: int = Query(6, ge=1, le=64, description="Most components of a merge."),
+    ) -> JSONOut:
+        """Is the uploaded LoRA (or checkpoint) derived from indexed LoRAs or a merge of them, at what weight, how
+        sure: the JSON of ``lorasearch attribute --json`` (``target`` and paths are the uploaded file's name)."""
+        from lorasearch.attribution import Thresholds
+
+        th = Thresholds(max_fpr=max_fpr, min_cosine=min_cosine, max_components=max_components)
+        with await upload(request, ("file",)) as up:
+            lu = up.lora("file")
+            async with app.state.attribution_slots:
+                res = await in_thread(run_attribute, store(request), lu, base, th)
+        return JSONOut(res)
 
     # ---- writes ------------------------------------------------------------------------------------------
 
@@ -338,6 +532,7 @@ def create_app(db: str | Path, max_upload_mb: float = 512, token_file: str | Pat
             return lid, new, w.get(lid)
 
         lid, new, row = write(add)
+        maps.mark([ld.family])  # the page's map follows (in the background; names and labels too)
         return {"id": lid, "added": new, "lora": row}, new
 
     @app.post("/v1/loras", response_model=None, dependencies=[Depends(authorize)], tags=["write"],
@@ -358,8 +553,14 @@ def create_app(db: str | Path, max_upload_mb: float = 512, token_file: str | Pat
                 responses=_responses(401, 403, 404, 409, 422, ok=schemas.DeleteResponse))
     def delete_route(lora_id: int = PathParam(..., ge=1, le=MAX_ID)) -> JSONOut:
         """Hide a LoRA from search and listings (needs the bearer token)."""
-        if not write(lambda w: w.delete(lora_id)):
+        def delete(w: Store) -> str | None:
+            row = w.get(lora_id)
+            return str(row["family"]) if row is not None and w.delete(lora_id) else None
+
+        family = write(delete)
+        if family is None:
             raise ApiError(404, "unknown_id", f"no live LoRA with id {lora_id}")
+        maps.mark([family])
         return JSONOut({"id": lora_id, "deleted": True})
 
     # ---- the web page ------------------------------------------------------------------------------------

@@ -52,6 +52,15 @@ STATUS_BY_CODE: dict[str, int] = {
     "missing_file": 422,
     "too_many_files": 422,
     "unexpected_field": 422,
+    # attribution of an uploaded checkpoint: its base model
+    "needs_base": 422,
+    "bad_base": 422,
+    "base_not_local": 422,
+    "base_mismatch": 422,
+    "no_difference": 422,
+    "not_a_checkpoint": 422,
+    "hub_error": 422,
+    "bad_source": 422,
 }
 DEFAULT_BAD_INPUT_STATUS = 400
 
@@ -65,7 +74,6 @@ STATUS_MEANING: dict[int, str] = {
     413: "Upload over the size cap",
     415: "Not a safetensors file (pickles are refused, never unpickled)",
     422: "Bad parameters, or a valid file that is not a LoRA layout we know",
-    501: "Not implemented yet",
     503: "The server cannot store the upload (its disk)",
 }
 

@@ -116,4 +116,42 @@ class MapPoint(_Open):
 class CollectionMap(_Open):
     family: str
     view: str
+    method: Optional[str] = Field(None, description="umap or pca; null while a new family's first map is computed.")
     points: list[MapPoint]
+    count: int = Field(0, description="Live LoRAs of the family now.")
+    unplaced: list[int] = Field([], description="Ids of live LoRAs added since the layout: not on the map yet.")
+    stale: bool = Field(False, description="The store changed since the layout (a refresh follows writes).")
+    refreshing: bool = Field(False, description="This server process has a map refresh pending or running.")
+
+
+class AttributionMatch(_Open):
+    id: int
+    name: Optional[str] = None
+    source: Optional[str] = None
+    path: Optional[str] = None
+    cosine: Optional[float] = Field(None, description="Cosine of the match's ΔW with the target's, over shared modules.")
+    coefficient: Optional[float] = Field(None, description="Estimated weight of the match's ΔW in the target (negative allowed).")
+    fpr: float = Field(description="Calibrated false-positive rate of the match's score.")
+
+
+class AttributionFile(_Open):
+    path: str
+    kind: str
+    family: Optional[str] = None
+    verdict: str
+    explained: float
+    matches: list[AttributionMatch] = []
+
+
+class AttributeResponse(_Open):
+    """Same JSON as ``lorasearch attribute --json`` (``target`` is the uploaded file's name)."""
+
+    target: str
+    family: Optional[str] = None
+    verdict: str = Field(description="derived (one significant source), merged (several) or none.")
+    explained: float = Field(description="Share of the target's ‖ΔW‖² the matches account for.")
+    matches: list[AttributionMatch]
+    per_file: list[AttributionFile]
+    base_model: list[str] = []
+    base: Optional[str] = None
+    thresholds: dict[str, Any] = {}

@@ -11,12 +11,16 @@ request is refused as early as it can be:
 - a pickled checkpoint, by its suffix (at the part's headers) or by its magic
   bytes (in its first chunk): 415, the file is never unpickled.
 
-Client file names are reduced to a safe base name (the folder is ours); error
+Bodies with a known length up to 64 MiB are spooled to a RAM-backed folder
+(``/dev/shm``, ``LORASEARCH_API_RAM_TMP``) while it has room, others to the
+system temp folder (``TMPDIR``); a ``tmp_dir`` given by the caller is always
+used. Client file names are reduced to a safe base name (the folder is ours); error
 messages name the client's file, never the server's temp path. The folder is
 removed when the ``Upload`` is closed, whatever happened.
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import struct
@@ -41,6 +45,12 @@ MAX_PARTS = 8
 CONFIG_SUFFIXES = (".json",)
 IGNORED_SUFFIXES = (".md", ".txt")  # sent along with a PEFT folder; not needed to read it
 CLOSE = {"Connection": "close"}  # the rest of a refused body is not read: do not keep the connection
+# Small uploads are spooled to a RAM-backed folder when there is one: on this machine's disk, deleting a
+# freshly written 3 MB file took 5.6 ms (median) against 0.45 ms on tmpfs, on the path of every query.
+ENV_RAM_TMP = "LORASEARCH_API_RAM_TMP"  # the RAM folder ("" turns it off); default /dev/shm
+DEFAULT_RAM_TMP = "/dev/shm"
+RAM_SPOOL_MAX_BYTES = 64 << 20  # bodies up to this (by Content-Length) go to RAM ...
+RAM_FREE_FACTOR = 8  # ... when the folder has this many times the body free
 
 WEIGHTS, CONFIG, IGNORED = "weights", "config", "ignored"
 
@@ -107,14 +117,19 @@ class LoraUpload:
         """Temp path -> nothing: the files in it already carry the client's names."""
         return [(str(self.folder) + "/", "")]
 
-    def load(self, max_bytes: int) -> LoraDelta:
-        """Read the LoRA (``lorasearch.formats.load_lora``); BadInput becomes an ApiError naming the client's file."""
+    def load(self, max_bytes: int, hashes: bool = True) -> LoraDelta:
+        """Read the LoRA (``lorasearch.formats.load_lora``); BadInput becomes an ApiError naming the client's file.
+
+        Args:
+            max_bytes: size cap of the weights file.
+            hashes: compute sha256 / AutoV2 / AutoV3 (None otherwise).
+        """
         from lorasearch.formats import load_lora
 
         assert self.weights.path is not None
         cfg = self.config.path if self.config is not None else None
         try:
-            return load_lora(self.weights.path, config=cfg, max_bytes=max_bytes)
+            return load_lora(self.weights.path, config=cfg, max_bytes=max_bytes, hashes=hashes)
         except BadInput as exc:
             raise from_bad_input(exc, self.replacements()) from None
 
@@ -219,7 +234,9 @@ class _PartWriter:
         self.fh = open(path, "wb") if path is not None else None
 
     def _cap(self, part: UploadedFile) -> int:
-        return {WEIGHTS: self.max_file_bytes, CONFIG: CONFIG_MAX_BYTES}.get(part.role, SIDE_MAX_BYTES)
+        if part.role == WEIGHTS:
+            return self.max_file_bytes
+        return CONFIG_MAX_BYTES if part.role == CONFIG else SIDE_MAX_BYTES
 
     def part_data(self, data: bytes, start: int, end: int) -> None:
         part = self.current
@@ -272,6 +289,24 @@ def body_cap(n_files: int, max_file_bytes: int) -> int:
     return n_files * max_file_bytes + BODY_SLACK_BYTES
 
 
+def ram_spool_dir(length: int | None) -> str | None:
+    """The RAM-backed folder for a body of ``length`` bytes, or None (the system temp folder).
+
+    Only bodies with a known length up to ``RAM_SPOOL_MAX_BYTES`` and only while the
+    folder has ``RAM_FREE_FACTOR`` times that free: big or unbounded uploads go to disk.
+    """
+    folder = os.environ.get(ENV_RAM_TMP, DEFAULT_RAM_TMP)
+    if not folder or length is None or length > RAM_SPOOL_MAX_BYTES:
+        return None
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    if st.f_bavail * st.f_frsize < RAM_FREE_FACTOR * max(length, 1 << 20) or not os.access(folder, os.W_OK):
+        return None
+    return folder
+
+
 async def receive_upload(request: Request, fields: Sequence[str], max_file_bytes: int,
                          tmp_dir: str | Path | None = None) -> Upload:
     """Stream a multipart/form-data body into a temporary folder.
@@ -303,7 +338,8 @@ async def receive_upload(request: Request, fields: Sequence[str], max_file_bytes
         if int(length) > cap:
             raise ApiError(413, "too_large", f"request body of {length} bytes is over the cap "
                            f"({_per_file(len(fields), max_file_bytes)})", CLOSE)
-    upload = Upload(Path(tempfile.mkdtemp(prefix="lorasearch-upload-", dir=tmp_dir)))
+    spool = tmp_dir if tmp_dir is not None else ram_spool_dir(int(length) if length is not None else None)
+    upload = Upload(Path(tempfile.mkdtemp(prefix="lorasearch-upload-", dir=spool)))
     writer = _PartWriter(upload, fields, max_file_bytes)
     try:
         parser = MultipartParser(boundary, writer.callbacks())

@@ -209,7 +209,7 @@ def hub_reachable(endpoint: str, timeout: float = 5.0) -> str | None:
         return f"hub unreachable at {endpoint} ({exc.strerror or exc.__class__.__name__})"
 
 
-def _hub_error(spec: str, repo: str, revision: str | None, endpoint: str, exc: Exception) -> str:
+def hub_error(spec: str, repo: str, revision: str | None, endpoint: str, exc: Exception) -> str:
     """One line for a failed hub call."""
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -237,7 +237,7 @@ def _hub_error(spec: str, repo: str, revision: str | None, endpoint: str, exc: E
 
 
 @contextlib.contextmanager
-def _quiet_hub() -> Iterator[None]:
+def quiet_hub() -> Iterator[None]:
     """huggingface_hub's own progress bars off (the indexer shows one bar for the run)."""
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
@@ -284,7 +284,7 @@ def download_repo(
     """
     from huggingface_hub import snapshot_download
 
-    with _quiet_hub():
+    with quiet_hub():
         folder = snapshot_download(
             repo, revision=revision, allow_patterns=ALLOW_PATTERNS, ignore_patterns=ignore or None,
             endpoint=endpoint, cache_dir=str(cache_dir) if cache_dir is not None else None,
@@ -321,7 +321,7 @@ def expand_hf(
         big = oversized_files(repo, revision, ep, max_bytes)
         folder, sha = download_repo(repo, revision, ep, cache_dir, sorted(big))
     except Exception as exc:  # noqa: BLE001 - every hub failure becomes a reason, never a crash
-        yield Failure(source, _hub_error(spec, repo, revision, ep, exc), where)
+        yield Failure(source, hub_error(spec, repo, revision, ep, exc), where)
         return
     for path, size in sorted(big.items()):
         yield Failure(source, f"{repo}@{sha[:12]}/{path}: {size} bytes, over the {max_bytes}-byte limit for one "
@@ -360,7 +360,7 @@ def expand_search(
     try:
         repos = search_hub(filters, ep, limit)
     except Exception as exc:  # noqa: BLE001
-        yield Failure(spec, _hub_error(spec, "model search", None, ep, exc))
+        yield Failure(spec, hub_error(spec, "model search", None, ep, exc))
         return
     if not repos:
         yield Failure(spec, f"no repositories on {ep} match filter {filters}")

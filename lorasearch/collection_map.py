@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lorasearch.store import Store, atomic_write_bytes, safe_name
+from lorasearch.store import DB_NAME, Store, atomic_write_bytes, safe_name
 
 MAP_FORMAT = 1
 MAP_VIEW = "style"
@@ -371,3 +372,70 @@ def _remove_orphans(root: Path, live: set[str]) -> dict[str, str]:
             p.unlink(missing_ok=True)
             out[fam] = "removed"
     return out
+
+
+# --------------------------------------------------------------------------- a background refresh (the API's)
+
+REFRESH_LOCK = ".refresh.lock"
+
+
+def refresh_maps(db: str | Path, families: Sequence[str] | None = None) -> dict[str, str]:
+    """``update_maps`` on a read-only store, one refresh per store at a time (across processes).
+
+    The API's workers call this (in a child process) after they add or delete
+    LoRAs; an indexing run updates the maps itself when it ends, so while one
+    holds the store nothing is done here.
+
+    Args:
+        db: the store directory.
+        families: the families to bring up to date (default: all).
+
+    Returns:
+        ``update_maps``'s answer, or ``{"*": "skipped: an indexing run holds the store"}``.
+    """
+    import fcntl
+
+    from indexer.pipeline import IndexerBusy, exclusive
+
+    root = Path(db)
+    if not (root / DB_NAME).is_file():
+        return {"*": f"failed: {root}: no lorasearch store here"}
+    (root / MAPS_DIR).mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / MAPS_DIR / REFRESH_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # runs from several API workers: one after the other
+        try:
+            with exclusive(root):
+                pass  # only a probe: holding it would make the API's own writes wait (409)
+        except IndexerBusy:
+            return {"*": "skipped: an indexing run holds the store (it updates the maps when it ends)"}
+        store = Store(root, create=False, readonly=True)
+        try:
+            return update_maps(store, families)
+        finally:
+            store.close()
+    finally:
+        os.close(fd)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lorasearch.collection_map DB [FAMILY...]``: refresh the maps (the API runs this in the background).
+
+    Returns:
+        the exit status (0; failures are reported per family on stdout as JSON).
+    """
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Refresh a store's collection maps.")
+    ap.add_argument("db", type=Path, help="store directory")
+    ap.add_argument("families", nargs="*", help="families to refresh (default: all)")
+    ap.add_argument("--nice", type=int, default=0, help="lower this process's priority by this much first")
+    args = ap.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)
+    print(json.dumps(refresh_maps(args.db, args.families or None)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

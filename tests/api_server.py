@@ -6,9 +6,11 @@ the caller can read (e.g. to assert that no request ended in a traceback).
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
@@ -17,6 +19,9 @@ from typing import Sequence
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+# The CLI as a command line. Not ``python -m lorasearch.cli``: that runs cli.py as ``__main__`` and a command
+# module importing ``lorasearch.cli`` at its top would load the CLI a second time, half-initialised.
+CLI = [sys.executable, "-c", "import sys; sys.argv[0] = 'lorasearch'; from lorasearch.cli import main; main()"]
 
 
 def free_port() -> int:
@@ -27,7 +32,7 @@ def free_port() -> int:
 
 
 class ApiServer:
-    """``python -m lorasearch.cli serve`` in a subprocess.
+    """``lorasearch serve`` in a subprocess.
 
     Args:
         db: the store directory.
@@ -45,13 +50,14 @@ class ApiServer:
         self.max_upload_mb, self.workers, self.tmp_dir, self.extra_args = max_upload_mb, workers, tmp_dir, extra_args
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.ram_dir: Path | None = None  # the RAM spool folder given to the server (with tmp_dir only)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def _command(self) -> list[str]:
-        cmd = [sys.executable, "-m", "lorasearch.cli", "serve", "--db", str(self.db), "--host", "127.0.0.1",
+        cmd = [*CLI, "serve", "--db", str(self.db), "--host", "127.0.0.1",
                "--port", str(self.port), "--workers", str(self.workers), "--log-level", "warning", *self.extra_args]
         if self.token_file is not None:
             cmd += ["--token-file", str(self.token_file)]
@@ -67,6 +73,10 @@ class ApiServer:
         if self.tmp_dir is not None:
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
             env["TMPDIR"] = str(self.tmp_dir)
+            # small uploads are spooled to RAM (/dev/shm): a folder of this server's own there, checked like TMPDIR
+            if self.ram_dir is None and Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK):
+                self.ram_dir = Path(tempfile.mkdtemp(prefix="lorasearch-test-ram-", dir="/dev/shm"))
+            env["LORASEARCH_API_RAM_TMP"] = str(self.ram_dir) if self.ram_dir is not None else ""
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
         return env
 
@@ -122,3 +132,10 @@ class ApiServer:
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
+        if self.ram_dir is not None:
+            shutil.rmtree(self.ram_dir, ignore_errors=True)
+            self.ram_dir = None
+
+    def spooled(self) -> list[Path]:
+        """Upload folders the server left in its temp folders (there should be none between requests)."""
+        return [p for d in (self.tmp_dir, self.ram_dir) if d is not None for p in d.glob("lorasearch-upload-*")]

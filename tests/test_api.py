@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from api_server import ApiServer
+from api_server import CLI, ApiServer
 from indexer import run_index
 from test_bad_input import CASES, KOHYA, MARKER, Case
 
@@ -157,7 +157,7 @@ def send_until_answered(sock: socket.socket, chunks: Iterator[bytes]) -> int:
 
 # -- reads -------------------------------------------------------------------------------------------------
 def test_query_is_the_cli_json(baseline: dict[str, Any], store_dir: Path, shared_loras: Path) -> None:
-    cli = subprocess.run([sys.executable, "-m", "lorasearch.cli", "query", str(shared_loras / QUERY), "--db",
+    cli = subprocess.run([*CLI, "query", str(shared_loras / QUERY), "--db",
                           str(store_dir), "--json"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert cli.returncode == 0, cli.stderr
     want = json.loads(cli.stdout)
@@ -188,6 +188,62 @@ def test_peft_folder_upload(client: httpx.Client) -> None:
     d = r.json()
     assert d["query_lora"]["format"] == "peft" and d["query_lora"]["config"] == "adapter_config.json"
     assert d["results"][0]["score"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_query_hashes_on_request(client: httpx.Client, query_bytes: bytes, baseline: dict[str, Any]) -> None:
+    """Hashing the upload is opt-in (the search does not use it); the results are the same either way."""
+    import hashlib
+
+    assert baseline["query_lora"]["file_sha256"] is None and baseline["query_lora"]["autov3"] is None
+    r = post_query(client, query_bytes, hashes="true")
+    d = r.json()
+    assert d["query_lora"]["file_sha256"] == hashlib.sha256(query_bytes).hexdigest()
+    assert d["query_lora"]["autov3"] == d["results"][0]["autov3"]  # the indexed copy of the same file
+    assert d["results"] == baseline["results"]
+    stages = dict(part.split(";dur=") for part in r.headers["server-timing"].split(", "))
+    assert {"upload", "load", "search", "encode"} <= set(stages) and all(float(v) >= 0 for v in stages.values())
+
+
+@pytest.mark.parametrize("env,length,free_gib,want", [
+    (None, 3 << 20, 24, "ram"),
+    (None, None, 24, None),         # chunked, no length: could be anything, goes to disk
+    (None, 65 << 20, 24, None),     # over RAM_SPOOL_MAX_BYTES
+    (None, 3 << 20, 0.01, None),    # RAM folder nearly full
+    ("", 3 << 20, 24, None),        # turned off
+])
+def test_ram_spool_choice(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, env: str | None, length: int | None,
+                          free_gib: float, want: str | None) -> None:
+    from api import uploads
+
+    monkeypatch.setenv(uploads.ENV_RAM_TMP, str(tmp_path) if env is None else env)
+    real = os.statvfs
+
+    class Fake:
+        f_frsize, f_bavail = 4096, int(free_gib * 2**30 / 4096)
+
+    monkeypatch.setattr(uploads.os, "statvfs", lambda p: Fake() if str(p) == str(tmp_path) else real(p))
+    got = uploads.ram_spool_dir(length)
+    assert got == (str(tmp_path) if want == "ram" else None)
+
+
+def test_heap_freezer_freezes_once_warm() -> None:
+    import gc
+
+    from api.app import HeapFreezer
+
+    f = HeapFreezer(warm=3)
+    try:
+        before = gc.get_freeze_count()
+        f.tick()
+        f.tick()
+        assert gc.get_freeze_count() == before
+        junk = [[i] for i in range(1000)]
+        f.tick()
+        assert gc.get_freeze_count() >= before + 1000
+        f.tick()  # only once
+        del junk
+    finally:
+        gc.unfreeze()
 
 
 def test_compare_is_the_cli_json(client: httpx.Client) -> None:
@@ -241,9 +297,132 @@ def test_collection_map_route(client: httpx.Client) -> None:
     assert {"id", "name", "x", "y", "labels"} <= set(m["points"][0])
 
 
-def test_attribute_is_not_implemented_yet(client: httpx.Client, query_bytes: bytes) -> None:
-    r = client.post("/v1/attribute", files={"file": (QUERY, query_bytes)})
-    assert r.status_code == 501 and error_of(r)["code"] == "not_implemented"
+# -- attribution -------------------------------------------------------------------------------------------
+TINY_BASE = "tiny/base"  # DB/bases/tiny/base.safetensors: the only base this server has
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Full weights W0 + 0.7·ΔW(tiny_peft) of the modules tiny_peft adapts, and W0 in the store's bases/ folder.
+
+    W0 is random (ΔW does not depend on it) with the diffusers names of those modules (from the PEFT keys),
+    so no model has to be built; the engine's own tests use a real tiny UNet.
+    """
+    from safetensors import safe_open
+
+    from lorasearch.attribution import derivatives as dv
+    from lorasearch.formats import load_lora
+
+    peft = SAMPLES / "tiny_peft" / "adapter_model.safetensors"
+    rng = np.random.default_rng(0)
+    state: dict[str, np.ndarray] = {}
+    with safe_open(str(peft), "np") as f:
+        for key in f.keys():
+            if ".lora_A." in key:
+                a, b = f.get_tensor(key), f.get_tensor(key.replace(".lora_A.", ".lora_B."))
+                name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+                state[name] = (0.05 * rng.standard_normal((b.shape[0], a.shape[1]))).astype(np.float32)
+    (store_dir / "bases" / "tiny").mkdir(parents=True, exist_ok=True)
+    dv.write_checkpoint(state, store_dir / "bases" / "tiny" / "base.safetensors")
+    out = tmp_path_factory.mktemp("api_ckpt") / "merged-unet.safetensors"
+    return dv.write_checkpoint(dv.merged_state(state, [(load_lora(SAMPLES / "tiny_peft"), 0.7)]), out)
+
+
+def post_attribute(client: httpx.Client, parts: list[tuple[str, tuple[str, bytes]]], **params: Any) -> httpx.Response:
+    return client.post("/v1/attribute", params=params, files=parts)
+
+
+def cli_attribute(path: Path, store_dir: Path) -> dict[str, Any]:
+    cli = subprocess.run([*CLI, "attribute", str(path), "--db", str(store_dir),
+                          "--json"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert cli.returncode == 0, cli.stderr
+    return json.loads(cli.stdout)
+
+
+def as_uploaded(cli: dict[str, Any], name: str) -> dict[str, Any]:
+    """The CLI's JSON with the target's path replaced by the uploaded file's name (what the API reports)."""
+    out = json.loads(json.dumps(cli))
+    out["target"] = name
+    for f in out["per_file"]:
+        f["path"] = name
+    for m in out["matches"]:
+        m["file"] = name
+    return out
+
+
+@pytest.mark.parametrize("source,expect", [(SD15_INDEXED[1], "derived"), (SD15_ADDED_BY_API, "none")])
+def test_attribute_is_the_cli_json(client: httpx.Client, store_dir: Path, shared_loras: Path, tmp_path: Path,
+                                   source: str, expect: str) -> None:
+    """A re-saved copy (new name, new metadata) of an indexed LoRA is derived from it; an unrelated LoRA is none."""
+    from safetensors.numpy import load_file
+
+    copy = tmp_path / "my-new-upload.safetensors"
+    save_file(load_file(str(shared_loras / source)), str(copy), metadata={"ss_output_name": "someone else's"})
+    r = post_attribute(client, [("file", (copy.name, copy.read_bytes()))])
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got == as_uploaded(cli_attribute(copy, store_dir), copy.name)
+    assert got["verdict"] == expect and got["family"] == "sd15" and got["target"] == copy.name
+    if expect == "derived":
+        ids = {x["name"]: x["id"] for x in client.get("/v1/loras", params={"family": "sd15"}).json()["loras"]}
+        (m,) = got["matches"]
+        assert m["id"] == ids[source] and m["name"] == source
+        assert m["coefficient"] == pytest.approx(1.0, abs=1e-4) and m["cosine"] == pytest.approx(1.0, abs=1e-4)
+        assert m["fpr"] <= got["thresholds"]["max_fpr"]
+    else:
+        assert got["matches"] == [] and got["explained"] == 0.0
+    assert "lorasearch-upload-" not in r.text
+
+
+def test_attribute_peft_folder_upload(client: httpx.Client) -> None:
+    files = [("file", (p.name, p.read_bytes())) for p in sorted((SAMPLES / "tiny_peft").iterdir())]
+    d = post_attribute(client, files).json()
+    assert d["verdict"] == "derived" and d["target"] == "adapter_model.safetensors"
+    assert d["matches"][0]["coefficient"] == pytest.approx(1.0, abs=1e-4)
+
+
+ATTRIBUTE_BAD: dict[str, tuple[dict[str, Any], tuple[int, str]]] = {
+    "checkpoint_without_base": ({}, (422, "needs_base")),
+    "base_not_on_server": ({"base": "someone/sd-base"}, (422, "base_not_local")),
+    "base_revision_not_on_server": ({"base": "tiny/base@v2"}, (422, "base_not_local")),
+    "base_url": ({"base": "https://example.com/model.safetensors"}, (422, "bad_base")),
+    "base_path": ({"base": "/etc/passwd"}, (422, "bad_base")),
+    "base_dotdot": ({"base": "../../db/bases/tiny/base"}, (422, "bad_base")),
+    "bad_threshold": ({"base": TINY_BASE, "max_fpr": 2}, (422, "bad_parameter")),
+}
+
+
+@pytest.mark.parametrize("what", list(ATTRIBUTE_BAD))
+def test_attribute_checkpoint_base_is_never_fetched(client: httpx.Client, tiny_checkpoint: Path, what: str) -> None:
+    params, want = ATTRIBUTE_BAD[what]
+    r = post_attribute(client, [("file", (tiny_checkpoint.name, tiny_checkpoint.read_bytes()))], **params)
+    assert (r.status_code, error_of(r)["code"]) == want, r.text
+    assert str(tiny_checkpoint.parent) not in r.text and "lorasearch-upload-" not in r.text
+
+
+def test_attribute_checkpoint_with_a_local_base(client: httpx.Client, tiny_checkpoint: Path, store_dir: Path) -> None:
+    r = post_attribute(client, [("file", (tiny_checkpoint.name, tiny_checkpoint.read_bytes()))], base=TINY_BASE)
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["verdict"] == "derived" and d["base"] == TINY_BASE and d["per_file"][0]["kind"] == "checkpoint"
+    assert d["per_file"][0]["base"] == TINY_BASE and str(Path(tiny_checkpoint).parent) not in r.text
+    (m,) = d["matches"]
+    assert m["name"].startswith("tiny_") and m["coefficient"] == pytest.approx(0.7, abs=1e-3)
+    assert str(store_dir) not in r.text  # the server's own paths stay private
+
+
+@pytest.mark.parametrize("parts,want", [
+    ([("file", ("model.ckpt", b"PK\x03\x04"))], (415, "pickle_refused")),
+    ([("file", ("x.safetensors", b"\x80\x04" + b"x" * 64))], (415, "pickle_refused")),
+    ([("file", ("x.safetensors", b"hello, not a model"))], (415, "not_safetensors")),
+    ([("file", ("x.safetensors", (100).to_bytes(8, "little") + b"{" * 10))], (400, "truncated")),
+    ([], (422, "missing_file")),
+    ([("other", ("x.safetensors", b"x"))], (422, "unexpected_field")),
+])
+def test_attribute_bad_input(client: httpx.Client, parts: list[tuple[str, tuple[str, bytes]]], want: tuple[int, str]) -> None:
+    r = post_attribute(client, parts) if parts else client.post("/v1/attribute", content=b"--B0UNDARY--\r\n",
+                                                                 headers=MULTIPART)
+    assert (r.status_code, error_of(r)["code"]) == want, r.text
 
 
 # -- bad input ---------------------------------------------------------------------------------------------
@@ -366,7 +545,6 @@ def test_growing_body_is_cut_off_at_the_cap(server: ApiServer) -> None:
 def test_openapi_fuzz_has_no_server_errors(server: ApiServer) -> None:
     """schemathesis over /openapi.json, valid and invalid data, a bounded number of examples per operation: no 5xx.
 
-    (The one documented 5xx is /v1/attribute's 501 until attribution exists.)
     """
     import hypothesis
     import schemathesis
@@ -389,7 +567,7 @@ def test_openapi_fuzz_has_no_server_errors(server: ApiServer) -> None:
                 nonlocal ran
                 ran += 1
                 resp = case.call(timeout=60)
-                if resp.status_code >= 500 and not (resp.status_code == 501 and op.path == "/v1/attribute"):
+                if resp.status_code >= 500:
                     failures.append(f"{case.method} {case.formatted_path} -> {resp.status_code}: {resp.text[:300]}")
 
             try:
@@ -462,6 +640,125 @@ def test_add_query_delete(client: httpx.Client, shared_loras: Path) -> None:
     assert (bad.status_code, error_of(bad)["code"]) == (415, "pickle_refused")
 
 
+def wait_for_map(client: httpx.Client, family: str, ok: Any, timeout: float = 30.0) -> dict[str, Any]:
+    """Poll /v1/map until ``ok(map)`` (the refresh runs in the background)."""
+    deadline = time.monotonic() + timeout
+    m: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        m = client.get("/v1/map", params={"family": family}).json()
+        if ok(m):
+            return m
+        time.sleep(0.2)
+    raise AssertionError(f"map never got there: {json.dumps(m)[:500]}")
+
+
+def test_map_follows_api_writes(client: httpx.Client, shared_loras: Path) -> None:
+    """POST/DELETE /v1/loras: the request does not wait for the map; the new LoRA is 'unplaced' until the
+    background refresh lays it out; a deleted one leaves the map at once."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    before = client.get("/v1/map", params={"family": "sd15"}).json()
+    assert before["stale"] is False and before["unplaced"] == [] and len(before["points"]) == before["count"]
+    data = (shared_loras / SD15_ADDED_BY_API).read_bytes()
+    r = client.post("/v1/loras", files={"file": (SD15_ADDED_BY_API, data)}, headers=auth)
+    assert r.status_code == 201, r.text
+    lid = r.json()["id"]
+    now = client.get("/v1/map", params={"family": "sd15"}).json()
+    assert now["count"] == before["count"] + 1
+    assert lid in now["unplaced"] or lid in [p["id"] for p in now["points"]]  # placed already if the refresh was quick
+    m = wait_for_map(client, "sd15", lambda m: lid in [p["id"] for p in m["points"]] and not m["stale"])
+    assert m["unplaced"] == [] and len(m["points"]) == before["count"] + 1 and m["generation"] > before["generation"]
+    assert client.delete(f"/v1/loras/{lid}", headers=auth).status_code == 200
+    gone = client.get("/v1/map", params={"family": "sd15"}).json()
+    assert lid not in [p["id"] for p in gone["points"]] and gone["count"] == before["count"]
+    wait_for_map(client, "sd15", lambda m: not m["stale"] and len(m["points"]) == before["count"])
+
+
+def test_map_refresher_coalesces_bursts(tmp_path: Path) -> None:
+    from api.maps import MapRefresher
+
+    calls: list[list[str]] = []
+    gate = threading.Event()
+
+    def runner(db: Path, fams: list[str]) -> dict[str, Any]:
+        calls.append(fams)
+        gate.wait(10)
+        return {f: "ok" for f in fams}
+
+    ref = MapRefresher(tmp_path, runner, delay=0.3, max_delay=2.0)
+    for i in range(20):  # a burst: one refresh for all of it
+        ref.mark(["sd15", "sdxl" if i % 2 else "sd15"])
+    assert ref.pending and calls == []
+    time.sleep(0.8)
+    assert calls == [["sd15", "sdxl"]]
+    ref.mark(["flux"])  # while one runs: queued for the next one, not run beside it
+    ref.mark(["flux"])
+    time.sleep(0.5)
+    assert len(calls) == 1
+    gate.set()
+    assert ref.wait_idle(10) and calls == [["sd15", "sdxl"], ["flux"]] and ref.runs == 2 and not ref.pending
+    ref.stop(5)
+
+
+def test_map_refresher_survives_a_failing_refresh(tmp_path: Path) -> None:
+    from api.maps import MapRefresher
+
+    def runner(db: Path, fams: list[str]) -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    ref = MapRefresher(tmp_path, runner, delay=0.01)
+    ref.mark(["sd15"])
+    assert ref.wait_idle(10) and ref.last_result["*"].startswith("failed: RuntimeError")
+    ref.mark(["sd15"])
+    assert ref.wait_idle(10) and ref.runs == 2
+    ref.stop(5)
+
+
+@pytest.mark.parametrize("points,live,want_points,want_unplaced,stale", [
+    ([1, 2, 3], [1, 2, 3], [1, 2, 3], [], False),
+    ([1, 2, 3], [1, 3], [1, 3], [], True),          # 2 deleted: dropped at once
+    ([1, 2], [1, 2, 5], [1, 2], [5], True),          # 5 added: not placed yet
+    ([], [4], [], [4], True),                        # a new family's first map is on its way
+])
+def test_live_map(points: list[int], live: list[int], want_points: list[int], want_unplaced: list[int],
+                  stale: bool) -> None:
+    from api.maps import live_map
+
+    m = {"family": "f", "points": [{"id": i, "x": 0.0, "y": 0.0} for i in points], "layout_count": len(points),
+         "layout_points": len(points)}
+    out = live_map(m, live)
+    assert ([p["id"] for p in out["points"]], out["unplaced"], out["stale"], out["count"]) == \
+        (want_points, want_unplaced, stale, len(live))
+
+
+def test_base_resolution_is_local_only(tmp_path: Path) -> None:
+    """Bases come from DB/bases/ or the Hugging Face cache on disk; nothing else, and never the network."""
+    from api.bases import resolve_base
+    from api.errors import ApiError
+
+    db, cache = tmp_path / "db", tmp_path / "hub"
+    (db / "bases" / "org").mkdir(parents=True)
+    (db / "bases" / "org" / "single.safetensors").write_bytes(b"x")
+    (db / "bases" / "org" / "pipe" / "unet").mkdir(parents=True)
+    (db / "bases" / "org" / "pipe" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    sha = "a" * 40
+    snap = cache / "models--acme--sd" / "snapshots" / sha
+    (snap / "unet").mkdir(parents=True)
+    (snap / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    (cache / "models--acme--sd" / "refs").mkdir()
+    (cache / "models--acme--sd" / "refs" / "main").write_text(sha)
+    ok = {"org/single": db / "bases" / "org" / "single.safetensors", "hf:org/pipe": db / "bases" / "org" / "pipe",
+          "acme/sd": snap, f"acme/sd@{sha}": snap, "acme/sd@main": snap}
+    for spec, want in ok.items():
+        assert resolve_base(spec, db, cache) == want, spec
+    bad = {"acme/sd@dev": "base_not_local", "acme/other": "base_not_local", "org/single@main": "base_not_local",
+           "http://x/y": "bad_base", "/abs/path": "bad_base", "~/x": "bad_base", "org/../x": "bad_base",
+           "a\\b": "bad_base", "acme/sd@../../x": "bad_base", "": "bad_base"}
+    for spec, code in bad.items():
+        with pytest.raises(ApiError) as ei:
+            resolve_base(spec, db, cache)
+        assert (ei.value.status, ei.value.code) == (422, code), spec
+
+
 def test_writes_while_an_indexer_holds_the_store(client: httpx.Client, store_dir: Path, query_bytes: bytes) -> None:
     from indexer.pipeline import exclusive
 
@@ -471,6 +768,9 @@ def test_writes_while_an_indexer_holds_the_store(client: httpx.Client, store_dir
         assert (r.status_code, error_of(r)["code"]) == (409, "busy"), r.text
         assert client.delete("/v1/loras/1", headers=auth).status_code == 409
         assert post_query(client, query_bytes).status_code == 200  # reads go on
+        from lorasearch.collection_map import refresh_maps
+
+        assert refresh_maps(store_dir)["*"].startswith("skipped")  # the indexer updates the maps when it ends
 
 
 # -- a live indexer ----------------------------------------------------------------------------------------
@@ -496,7 +796,7 @@ def test_live_indexer_is_seen_without_restart(client: httpx.Client, store_dir: P
     worker = threading.Thread(target=keep_querying)
     worker.start()
     try:
-        proc = subprocess.run([sys.executable, "-m", "lorasearch.cli", "index", *map(str, new), "--db", str(store_dir),
+        proc = subprocess.run([*CLI, "index", *map(str, new), "--db", str(store_dir),
                                "--json"], capture_output=True, text=True, timeout=180, cwd=REPO,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr
@@ -523,4 +823,8 @@ def test_live_indexer_is_seen_without_restart(client: httpx.Client, store_dir: P
 def test_no_tracebacks_and_no_temp_files_left(server: ApiServer) -> None:
     log = server.log()
     assert "Traceback" not in log and "internal error" not in log, log[-3000:]
-    assert server.tmp_dir is not None and list(server.tmp_dir.glob("lorasearch-upload-*")) == []
+    assert server.tmp_dir is not None and server.ram_dir is not None
+    deadline = time.monotonic() + 5  # an upload is removed just after its response is sent
+    while server.spooled() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.spooled() == []

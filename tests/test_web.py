@@ -24,6 +24,9 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from api_server import CLI  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
@@ -34,6 +37,7 @@ QUERY_FILE = "timohavdk__sd-lora__new.safetensors"  # kohya copy of 2100-lora's 
 SAME_WEIGHTS = "timohavdk__sd-lora__2100-lora.safetensors"
 SD15_INDEXED = 6
 TIMEOUT_MS = 30_000
+TOKEN = "web-test-token"
 
 
 def _need(ok: bool, reason: str) -> None:
@@ -80,11 +84,13 @@ def server(store_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     except ImportError as exc:
         pytest.skip(f"the HTTP API (api/app.py) is not there yet: {exc}")
     log = tmp_path_factory.mktemp("serve") / "serve.log"
+    token = log.parent / "token"
+    token.write_text(TOKEN)
     for _ in range(3):  # the free port may be taken between choosing and binding it
         port = _free_port()
         with open(log, "wb") as fh:
-            proc = subprocess.Popen([sys.executable, "-m", "lorasearch.cli", "serve", "--db", str(store_dir),
-                                     "--port", str(port), "--log-level", "warning"],
+            proc = subprocess.Popen([*CLI, "serve", "--db", str(store_dir), "--port", str(port),
+                                     "--log-level", "warning", "--token-file", str(token)],
                                     cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
@@ -289,3 +295,51 @@ def test_browse_a_family_map_and_narrow_layout(browser: Any, server: str, tmp_pa
         page.check_clean()
     finally:
         page.close()
+
+
+def test_map_shows_unplaced_loras(page: Page, server: str) -> None:
+    """A map behind the store (LoRAs added since its layout): the page says how many are not placed yet."""
+    pg = page.page
+
+    def behind(route: Any) -> None:
+        m = route.fetch().json()
+        m.update(unplaced=[10_001, 10_002], stale=True, count=m["count"] + 2)
+        route.fulfill(json=m)
+
+    pg.route("**/v1/map?*", behind)
+    pg.wait_for_function("document.querySelectorAll('#family option').length > 2")
+    pg.select_option("#family", "sd15")
+    pg.wait_for_function("document.querySelector('#map-canvas').dataset.points === '%d'" % SD15_INDEXED)
+    meta = pg.inner_text("#map-meta")
+    assert f"{SD15_INDEXED + 2} LoRAs" in meta and "2 not placed yet" in meta, meta
+    page.check_clean()
+
+
+def test_map_follows_loras_added_through_the_api(page: Page, server: str, shared_loras: Path) -> None:
+    """POST /v1/loras while the page shows the family: the new LoRA appears on the map without a reload."""
+    indexed = {p.name for p in _sd15_files(shared_loras)}
+    with open(shared_loras / "inventory.tsv", newline="") as fh:
+        names = sorted(r["local_name"] for r in csv.DictReader(fh, delimiter="\t") if r["base_family_guess"] == "sd1.x")
+    extra = shared_loras / next(n for n in reversed(names) if n not in indexed and n != QUERY_FILE)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    pg = page.page
+    pg.wait_for_function("document.querySelectorAll('#family option').length > 2")
+    pg.select_option("#family", "sd15")
+    pg.wait_for_function("document.querySelector('#map-canvas').dataset.points === '%d'" % SD15_INDEXED)
+    r = httpx.post(f"{server}/v1/loras", files={"file": (extra.name, extra.read_bytes())}, headers=auth, timeout=60)
+    assert r.status_code == 201, r.text
+    lid = r.json()["id"]
+    try:
+        pg.select_option("#family", "")  # show the family again: the page reads the map now, behind or not
+        pg.select_option("#family", "sd15")
+        pg.wait_for_function("document.querySelector('#map-canvas').dataset.points === '%d'" % (SD15_INDEXED + 1))
+        assert "not placed yet" not in pg.inner_text("#map-meta")
+        page.check_clean()
+    finally:
+        assert httpx.delete(f"{server}/v1/loras/{lid}", headers=auth, timeout=60).status_code == 200
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # leave the map as the other tests expect it
+            m = httpx.get(f"{server}/v1/map", params={"family": "sd15"}, timeout=10).json()
+            if not m["stale"] and len(m["points"]) == SD15_INDEXED:
+                break
+            time.sleep(0.2)

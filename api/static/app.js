@@ -254,7 +254,8 @@ async function runQuery() {
   state.queryAbort = abort;
   const form = new FormData();
   for (const f of state.files) form.append("file", f, f.name);
-  const params = new URLSearchParams({ k: String(currentK()), view: $("view").value });
+  // hashes=true: the page shows the uploaded file's SHA-256 (the API skips hashing unless asked)
+  const params = new URLSearchParams({ k: String(currentK()), view: $("view").value, hashes: "true" });
   setStatus(`Searching for ${state.files[0].name}…`, true);
   try {
     const data = await api(`/v1/query?${params}`, { method: "POST", body: form, signal: abort.signal });
@@ -389,6 +390,7 @@ async function showFamily(family) {
     state.map = m;
     state.selected = null;
     $("detail").hidden = true;
+    if (m.stale) recheckStaleMap(family, MAP_RECHECKS);
   } catch (err) {
     if (err.name === "AbortError") return;
     state.map = { family, points: [], missing: err.status === 404 ? "none" : err.message };
@@ -404,9 +406,32 @@ function mapMeta(m) {
   const n = m.points.length;
   const method = m.method === "umap" ? "UMAP" : (m.method || "").toUpperCase();
   const total = m.count && m.count > n ? m.count : n;
-  const shown = total > n ? ` (${n} shown)` : "";
+  const unplaced = Array.isArray(m.unplaced) ? m.unplaced.length : 0;
+  const shown = unplaced > 0 ? ` (${unplaced} not placed yet: the map is being updated)`
+    : total > n ? ` (${n} shown)` : "";
   const note = m.note ? ` · ${m.note}` : "";
-  return `${m.family}: ${total} LoRA${total === 1 ? "" : "s"}${shown} · ${m.view || "style"} view · ${method}${note}`;
+  const how = method ? ` · ${method}` : "";
+  return `${m.family}: ${total} LoRA${total === 1 ? "" : "s"}${shown} · ${m.view || "style"} view${how}${note}`;
+}
+
+/* A map the server says is behind the store (LoRAs added or deleted since its layout): ask again a few
+ * times while the background refresh runs, as long as the same family is shown. */
+const MAP_RECHECK_MS = 2500;
+const MAP_RECHECKS = 12;
+function recheckStaleMap(family, left) {
+  if (left <= 0) return;
+  setTimeout(async () => {
+    if (!state.map || state.map.family !== family || !state.map.stale || state.mapAbort) return;
+    try {
+      const m = await api(`/v1/map?${new URLSearchParams({ family })}`);
+      if (!state.map || state.map.family !== family) return;
+      state.map = m;
+      drawMap();
+      if (m.stale) recheckStaleMap(family, left - 1);
+    } catch (err) {
+      /* keep the map we have */
+    }
+  }, MAP_RECHECK_MS);
 }
 
 function colours() {

@@ -603,7 +603,7 @@ def hub_files(spec: str, endpoint: str | None, cache_dir: str | Path | None) -> 
     Returns:
         (``hf:repo@sha``, the files, the model card's ``base_model`` ids).
     """
-    from indexer.sources import _hub_error, download_repo, oversized_files, parse_hf, resolve_endpoint
+    from indexer.sources import download_repo, hub_error, oversized_files, parse_hf, resolve_endpoint
     from lorasearch.formats.safetensors_file import DEFAULT_MAX_FILE_BYTES
 
     ep = resolve_endpoint(endpoint)
@@ -615,7 +615,7 @@ def hub_files(spec: str, endpoint: str | None, cache_dir: str | Path | None) -> 
         big = oversized_files(repo, rev, ep, DEFAULT_MAX_FILE_BYTES)
         folder, sha = download_repo(repo, rev, ep, cache_dir, sorted(big))
     except Exception as exc:  # noqa: BLE001 - every hub failure is one line
-        raise BadInput(_hub_error(spec, repo, rev, ep, exc), code="hub_error") from None
+        raise BadInput(hub_error(spec, repo, rev, ep, exc), code="hub_error") from None
     root = f"hf:{repo}@{sha}"
     files = enumerate_folder(folder, root)
     if big:
@@ -634,7 +634,7 @@ def fetch_base(spec: str, endpoint: str | None, cache_dir: str | Path | None) ->
     """
     from huggingface_hub import HfApi, snapshot_download
 
-    from indexer.sources import _hub_error, _quiet_hub, parse_hf, resolve_endpoint
+    from indexer.sources import hub_error, parse_hf, quiet_hub, resolve_endpoint
 
     ep = resolve_endpoint(endpoint)
     try:
@@ -652,13 +652,13 @@ def fetch_base(spec: str, endpoint: str | None, cache_dir: str | Path | None) ->
         if not comps and len(top) > 1:
             raise BadInput(f"--base {spec}: several single-file checkpoints ({', '.join(top)}); "
                            "download the right one and give its path", code="bad_base")
-        with _quiet_hub():
+        with quiet_hub():
             folder = Path(snapshot_download(repo, revision=info.sha or rev, allow_patterns=want, endpoint=ep,
                                             cache_dir=str(cache_dir) if cache_dir is not None else None))
     except BadInput:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise BadInput(f"--base: {_hub_error(spec, repo, rev, ep, exc)}", code="hub_error") from None
+        raise BadInput(f"--base: {hub_error(spec, repo, rev, ep, exc)}", code="hub_error") from None
     return folder if comps else folder / top[0]
 
 
