@@ -1,4 +1,4 @@
-"""The main job end to end on the bundled data: read every LoRA, compare formats, report.
+"""The main job end to end on the bundled data: read every LoRA, compare formats, index, query, cluster report.
 
 Run with ``make demo``. Writes ``demo-out/`` and says where things are.
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
 SHARED = REPO.parent / "shared" / "loras"
+ZOO = REPO / "data" / "zoo"
 OUT = REPO / "demo-out"
 
 
@@ -85,9 +86,37 @@ def main() -> int:
             print(f"\nquery {q.name} (family {d['family']}, view {view}, {'exact' if d['exact'] else 'approximate'}):")
             for r in d["results"]:
                 print(f"  {r['score']:+.4f}  {r['name']}")
-    print(f"\nDone. Outputs in {OUT}/ (info JSON lines, query results, the store in {db}).")
+    rc = cluster_zoo()
+    if rc:
+        return rc
+    print(f"\nDone. Outputs in {OUT}/ (info JSON lines, query results, the store in {db}, "
+          f"the style zoo's store in {OUT / 'zoo-db'} and its cluster report in {OUT / 'cluster'}/report.html).")
     print(f"Try: .venv/bin/lorasearch query {SAMPLES / 'tiny_loha.safetensors'} --db {db}")
+    print("     make serve   (API and web page over the demo store on http://127.0.0.1:8000)")
     return 0 if samples else 1
+
+
+def cluster_zoo() -> int:
+    """Index the committed style zoo and write its cluster report (LoRA views vs image baselines)."""
+    db, report = OUT / "zoo-db", OUT / "cluster"
+    res = cli("index", str(ZOO / "loras"), "--db", str(db), "--json")
+    if res.returncode != 0:
+        print(res.stderr.strip())
+        return res.returncode
+    print(f"\nstyle zoo: {json.loads(res.stdout)['added']} new LoRAs indexed into {db}; clustering (pixel baseline, "
+          "a lighter run than bench/cluster.py) ...")
+    res = cli("cluster", "--db", str(db), "--labels", str(ZOO / "labels.csv"), "--out", str(report),
+              "--baselines", "pixel", "--max-images", "4", "--bootstrap", "100", "--level", "genre", "--json")
+    if res.returncode != 0:
+        print(res.stderr.strip())
+        return res.returncode
+    d = json.loads(res.stdout)
+    print(f"  {d['level']}-level k-means ARI (labels: {ZOO / 'labels.csv'}):")
+    for kind in ("views", "baselines"):
+        for name, m in d[kind].items():
+            print(f"    {kind[:-1]:>8} {name:<28} ARI {m['ari']:+.3f}  NMI {m['nmi']:.3f}  P@k {m['p_at_k']:.3f}")
+    print(f"  report: {d['report']}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ def register(app: typer.Typer) -> None:
         db: Path = typer.Option(..., "--db", help="Store directory holding the LoRAs (lorasearch index)."),
         labels: Path = typer.Option(..., "--labels", help="labels.csv: file,genre,style,... (paths relative to its folder)."),
         out: Path = typer.Option(..., "--out", help="Output folder for report.md, report.html, metrics.json, PNGs."),
-        views: list[str] = typer.Option([], "--views", help="LoRA views (repeatable; default: delta, style, style:<group>, *:sketch, paper)."),
-        baselines: list[str] = typer.Option([], "--baselines", help="Image baselines: effnet, pixel, clip[=hub-id-or-folder], dino[=...] (repeatable; default effnet + pixel; 'none' for no baseline)."),
+        views: list[str] = typer.Option([], "--views", help="LoRA views (comma list or repeatable; default: delta, style, style:<group>, *:sketch, paper)."),
+        baselines: list[str] = typer.Option([], "--baselines", help="Image baselines: effnet, pixel, clip[=hub-id-or-folder], dino[=...] (comma list or repeatable; default effnet + pixel; 'none' for no baseline)."),
         level: str = typer.Option("style", "--level", help="Label level of the JSON summary and the scatter colours: genre or style (the report has both)."),
         scenarios: list[str] = typer.Option([], "--scenario", help="Image scenarios: train, gen (repeatable; default both)."),
         centre: str = typer.Option("both", "--centre", help="Corpus centering of the vectors: none, yes or both."),
@@ -51,6 +51,9 @@ def register(app: typer.Typer) -> None:
             raise BadInput(f"--centre {centre!r}: expected none, yes or both", code="bad_option")
         if out.exists() and not out.is_dir():
             raise BadInput(f"--out {out}: exists and is not a folder", code="bad_option")
+        # Comma lists and repeated options both work: --baselines effnet,pixel == --baselines effnet --baselines pixel.
+        views, baselines, scenarios = ([x.strip() for v in opt for x in v.split(",") if x.strip()]
+                                       for opt in (views, baselines, scenarios))
         base = [] if baselines == ["none"] else (baselines or list(DEFAULT_BASELINES))
         store = _open_store(db, create=False, readonly=True)
         try:
