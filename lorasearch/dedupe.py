@@ -1,14 +1,18 @@
 """Duplicate and lineage groups in a LoRA collection (``lorasearch dedupe``).
 
 Four tiers, strongest first; each is only asked of what the stronger ones left
-distinct, so most of a large collection costs one sha256:
+distinct, so most of a large collection costs one sha256 pass:
 
-1. ``bytes``: the same file (sha256 of the weights file, plus the PEFT sidecar
-   config's bytes when there is one). Every file is hashed once, in threads.
-2. ``tensors``: the same tensors under another header (AutoV3 = sha256 of the
-   bytes after the JSON header, hashed once per byte group), or the same
-   decoded modules under other keys or in another order (``store.content_hash``
-   of the canonical modules: names, factor values, scales; same dtypes). A PEFT sidecar's update fields
+1. ``bytes``: the same file (its bytes, plus the PEFT sidecar config's bytes
+   when there is one). Every file is read once, in threads, and every byte
+   hashed once with sha256, as two parts: the length and JSON header, and the
+   rest, whose hash is AutoV3 (``split_hashes``); equal parts are equal files.
+   The file's own sha256 is computed only where it is shown (a group's keep).
+2. ``tensors``: the same tensors under another header (the same AutoV3, from
+   the same pass), or the same decoded modules under other keys or in another
+   order (``store.content_hash`` of the canonical modules: names, factor
+   values, scales; same dtypes; computed only for files whose cheap
+   ``content_prekey`` another file shares). A PEFT sidecar's update fields
    (``r``, ``lora_alpha``, patterns, rsLoRA, DoRA) are part of the identity.
 3. ``update``: the same ΔW in another format, dtype, factorisation or alpha:
    exact ΔW cosine ≥ ``UPDATE_COSINE`` over the same set of non-zero modules
@@ -46,6 +50,7 @@ import numpy as np
 
 from lorasearch.delta import LoraDelta, NeedsBase
 from lorasearch.errors import BadInput, LoraSearchError
+from lorasearch.hashes import autov3_start
 
 TIERS = ("bytes", "tensors", "update", "lineage")
 UPDATE_COSINE = 0.999
@@ -62,7 +67,8 @@ UPDATE_SKETCH_COSINE = 0.85
 ZERO_MODULE_SHARE = 1e-12
 HASH_THREADS = max(1, min(4, os.cpu_count() or 1))
 FAMILY_BUCKETS = {"sd15": "sd1-2", "sd2": "sd1-2"}
-CACHE_BYTES = 1 << 30
+CACHE_BYTES = 1 << 30  # the least file bytes of LoraDeltas kept in memory (``cache_budget``)
+
 _PRECISION = {"F64": 4, "F32": 3, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 _CONFIG_FIELDS = ("peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
                   "fan_in_fan_out", "init_lora_weights")
@@ -92,13 +98,23 @@ class Item:
     weights: Path
     config: Path | None
     size: int = 0
-    sha256: str = ""
+    sha256: str = ""  # the file's sha256: computed in the pass only for files without a safetensors header
     config_key: str = ""
     error: str | None = None
+    head: str = ""  # sha256 of the bytes before the AutoV3 region
+    autov3: str | None = None  # sha256 of the AutoV3 region (None: no valid header)
 
     @property
     def byte_key(self) -> str:
-        return self.sha256 + (f":{self.config_key}" if self.config is not None else "")
+        key = f"h:{self.head}:{self.autov3}" if self.autov3 is not None else f"s:{self.sha256}"
+        return key + (f":{self.config_key}" if self.config is not None else "")
+
+
+def item_sha256(item: Item) -> str:
+    """The file's sha256 (hashed again on first use: the pass hashes the file as two parts)."""
+    if not item.sha256:
+        item.sha256 = sha256_file(item.weights)[0]
+    return item.sha256
 
 
 def enumerate_inputs(paths: Sequence[str | Path]) -> tuple[list[Item], list[dict[str, str]]]:
@@ -199,10 +215,54 @@ def sha256_file(path: str | Path) -> tuple[str, int]:
         os.close(fd)
 
 
-def hash_item(item: Item) -> Item:
-    """sha256 of the weights file (one read) and the config key; errors are recorded, not raised."""
+def split_hashes(path: str | Path) -> tuple[str, str | None, str, int]:
+    """One read of a file, every byte hashed once with sha256, in two parts: the bytes before the
+    AutoV3 region (length and JSON header) and the region itself, whose hash is AutoV3.
+
+    Equal files have equal parts (the first 8 bytes fix where the split is) and the converse
+    holds, so the pair identifies the bytes as the file's sha256 would, and the tensors tier gets
+    every AutoV3 without a second pass over the data.
+
+    Returns:
+        (head hash, AutoV3 upper-case, "", size), or for a file without a valid safetensors header
+        ("", None, sha256 of the whole file, size).
+    """
+    fd = os.open(path, os.O_RDONLY)
     try:
-        item.sha256, item.size = sha256_file(item.weights)
+        size = os.fstat(fd).st_size
+        if size <= WHOLE_READ_BYTES:
+            data = os.read(fd, size)
+            if len(data) == size:
+                split = _split_at(data[:8], size)
+                if split is None:
+                    return "", None, hashlib.sha256(data).hexdigest(), size
+                view = memoryview(data)
+                return (hashlib.sha256(view[:split]).hexdigest(), hashlib.sha256(view[split:]).hexdigest().upper(),
+                        "", size)
+        os.lseek(fd, 0, os.SEEK_SET)
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            split = _split_at(fh.read(8), size)
+            fh.seek(0)
+            if split is None:
+                return "", None, hashlib.file_digest(fh, "sha256").hexdigest(), size
+            head = hashlib.sha256(fh.read(split)).hexdigest()
+            return head, hashlib.file_digest(fh, "sha256").hexdigest().upper(), "", size
+    finally:
+        os.close(fd)
+
+
+def _split_at(first8: bytes, size: int) -> int | None:
+    """Where the AutoV3 region starts, or None without a valid header length."""
+    if len(first8) < 8:
+        return None
+    (n,) = struct.unpack("<Q", first8)
+    return autov3_start(n) if 8 + n <= size else None
+
+
+def hash_item(item: Item) -> Item:
+    """The weights file hashed (one read: ``split_hashes``) and the config key; errors are recorded, not raised."""
+    try:
+        item.head, item.autov3, item.sha256, item.size = split_hashes(item.weights)
         if item.config is not None:
             item.config_key = _config_key(item.config)
             item.size += item.config.stat().st_size
@@ -273,11 +333,27 @@ class Node:
     style: np.ndarray | None = None
 
 
+def cache_budget(floor: int = CACHE_BYTES) -> int:
+    """File bytes of LoraDeltas to keep in memory: a quarter of the available memory, at least ``floor``.
+
+    The update, lineage and evidence steps visit nodes in kNN order, not read order: a cache
+    smaller than the read set re-reads files over and over (measured: with 1 GiB for 1,000 SD1.5 files
+    of 3 MB, the update step took nearly as long as reading them all). Decoded fp16 files take twice their bytes.
+    """
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            avail = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return floor
+    return max(floor, avail // 4)
+
+
 class LoraCache:
     """LoraDeltas by node, re-read from their file when evicted (bounded in file bytes)."""
 
-    def __init__(self, loader: Callable[[int], LoraDelta], sizes: Callable[[int], int], max_bytes: int = CACHE_BYTES) -> None:
-        self.loader, self.sizes, self.max_bytes = loader, sizes, max_bytes
+    def __init__(self, loader: Callable[[int], LoraDelta], sizes: Callable[[int], int], max_bytes: int | None = None) -> None:
+        self.loader, self.sizes = loader, sizes
+        self.max_bytes = cache_budget() if max_bytes is None else max_bytes
         self._items: OrderedDict[int, LoraDelta] = OrderedDict()
         self._bytes = 0
 
@@ -337,18 +413,55 @@ class ReadOut:
 
 
 def read_node(path: str, config_key: str) -> ReadOut:
-    """Read one LoRA and compute what the tiers need: view vectors, content key, completeness."""
-    from lorasearch.store import content_hash
-
+    """Read one LoRA and compute what the tiers need: view vectors, content pre-key, completeness."""
     try:
         ld = read_lora(path)
     except LoraSearchError as exc:
         return ReadOut(error=_one_line(exc))
     vec, style = view_vectors(ld)
     dtypes = ld.metadata.get("dtypes", [])
-    content = hashlib.sha256(f"{','.join(dtypes)}|{content_hash(ld)}|{config_key}".encode()).hexdigest()
+    content = content_prekey(ld, config_key)
     ranks = ld.ranks()
     return ReadOut(ld, None, vec, style, content, len(ld.weight_modules()), max(ranks) if ranks else 0, precision(dtypes))
+
+
+def _arrays(d: Any) -> list[Any]:
+    """The arrays ``store.content_hash`` hashes for one module (same choice, same order)."""
+    from lorasearch.delta import Dense, Factored, Kronecker
+
+    if isinstance(d, Factored):
+        return [d.up, d.down]
+    if isinstance(d, Kronecker):
+        return [getattr(d.w1, "up", d.w1), getattr(d.w1, "down", d.w1), getattr(d.w2, "up", d.w2),
+                getattr(d.w2, "down", d.w2)]
+    if isinstance(d, Dense):
+        return [d.values]
+    return [d.tensors[t] for t in sorted(d.tensors)]
+
+
+def content_prekey(ld: LoraDelta, config_key: str = "") -> str:
+    """A cheap key that equal decoded contents always share: dtypes, config, names, kinds, shapes, scales
+    and three values of every array (``content_key`` of the whole values is computed only on a collision).
+
+    ``store.content_hash`` hashes every factor byte (a fifth of a 3 MB file's read); most files of a
+    collection have no other file with the same modules, and this key tells them apart.
+    """
+    parts: list[Any] = [ld.metadata.get("dtypes", []), config_key]
+    for name in sorted(ld.modules):
+        d = ld.modules[name]
+        parts.append((name, d.kind, getattr(d, "scale", None)))
+        for a in _arrays(d):
+            a = np.asarray(a)
+            parts.append((a.shape, a.dtype.str) + ((a.item(0), a.item(a.size // 2), a.item(-1)) if a.size else ()))
+    return "pre:" + hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def content_key(ld: LoraDelta, config_key: str = "") -> str:
+    """The exact content identity: dtypes, ``store.content_hash`` (names and every value), config."""
+    from lorasearch.store import content_hash
+
+    dtypes = ld.metadata.get("dtypes", [])
+    return hashlib.sha256(f"{','.join(dtypes)}|{content_hash(ld)}|{config_key}".encode()).hexdigest()
 
 
 def precision(dtypes: Iterable[str]) -> int:
@@ -600,22 +713,22 @@ def _dedupe(paths: Sequence[str | Path], store: Any, progress: Progress | None, 
     bgroups = [sorted(v, key=lambda i: _path_order(items[i].path)) for v in byte_groups.values()]
     timings["hash"] = time.perf_counter() - t0
 
-    # 2. tensors: AutoV3 once per byte group
+    # 2. tensors: AutoV3 from the hashing pass; files without a valid header are reported here
     t1 = time.perf_counter()
     tensor_key: dict[int, str] = {}
     bad_b: set[int] = set()
     autov3s: dict[int, str] = {}
     for b, members in enumerate(bgroups):
         rep = items[members[0]]
-        try:
-            v3 = autov3_of(rep.weights)
-        except (BadInput, OSError) as exc:
-            bad_b.add(b)
-            skipped += [{"path": items[i].path, "error": _one_line(exc)} for i in members]
-            continue
-        autov3s[b] = v3
-        tensor_key[b] = v3 + (f":{rep.config_key}" if rep.config is not None else "")
-        prog("tensor hashes", b + 1, len(bgroups))
+        if rep.autov3 is None:  # no valid header when hashed: autov3_of says why (or hashes a file changed since)
+            try:
+                rep.autov3 = autov3_of(rep.weights)
+            except (BadInput, OSError) as exc:
+                bad_b.add(b)
+                skipped += [{"path": items[i].path, "error": _one_line(exc)} for i in members]
+                continue
+        autov3s[b] = rep.autov3
+        tensor_key[b] = rep.autov3 + (f":{rep.config_key}" if rep.config is not None else "")
     tgroups_map: dict[str, list[int]] = {}
     for b in range(len(bgroups)):
         if b not in bad_b:
@@ -626,8 +739,10 @@ def _dedupe(paths: Sequence[str | Path], store: Any, progress: Progress | None, 
     # 3. read and embed one file per tensors group
     t2 = time.perf_counter()
     nodes: list[Node] = []
-    # LoraDeltas stay in memory up to CACHE_BYTES of files, and are re-read beyond that
+    # LoraDeltas stay in memory up to cache_budget() bytes of files, and are re-read beyond that
     cache = LoraCache(lambda i: _reload(nodes[i], items, bgroups), lambda i: items[bgroups[nodes[i].members[0]][0]].size)
+    # one thread: parsing and decoding hold the GIL (a 2-thread pool measured no faster), and a
+    # forked process pool hung in processes that had loaded torch
     for g, bs in enumerate(tgroups):
         rep = items[bgroups[bs[0]][0]]
         out = read_node(rep.path, rep.config_key)
@@ -635,15 +750,17 @@ def _dedupe(paths: Sequence[str | Path], store: Any, progress: Progress | None, 
         if out.error is not None or out.ld is None:
             skipped += [{"path": items[i].path, "error": out.error or ""} for b in bs for i in bgroups[b]]
             continue
-        out.ld.source.update({"file_sha256": rep.sha256, "autov3": autov3s[bs[0]]})
+        out.ld.source["autov3"] = autov3s[bs[0]]
         nodes.append(Node(list(bs), rep.path, out.ld.family, out.vector, out.modules, out.max_rank, out.precision,
                           autov3s[bs[0]], out.content, out.style))
         cache.put(len(nodes) - 1, out.ld)
     timings["read_embed"] = time.perf_counter() - t2
     counts = {"files": len(items), "hashed": len(items), "byte_groups": len(bgroups), "read": len(nodes)}
 
-    # tensors tier, second key: the same decoded modules in another key order
+    # tensors tier, second key: the same decoded modules in another key order (the exact key only
+    # where the cheap pre-key collides: equal contents always share the pre-key)
     t3 = time.perf_counter()
+    _confirm_contents(nodes, items, bgroups, cache)
     uf_t = UnionFind(len(nodes))
     by_content: dict[str, int] = {}
     for i, nd in enumerate(nodes):
@@ -701,10 +818,21 @@ def _dedupe(paths: Sequence[str | Path], store: Any, progress: Progress | None, 
     groups = _build_groups(items, bgroups, nodes, cluster, readable, cache, lineage_links)
     merges = [{"file": nodes[t].path, "components": [nodes[v["cands"][c]].path for c in v["chosen"]],
                "explained": v["explained"]} for t, v in sorted(merged.items())]
-    indexed = _match_store(store, nodes, uf_u, cache) if store is not None else []
+    indexed = _match_store(store, nodes, uf_u, cache, items, bgroups) if store is not None else []
     timings["total"] = time.perf_counter() - t0
     counts["inputs"] = n_inputs
     return Result(items, cluster, groups, skipped, indexed, timings, counts, merges)
+
+
+def _confirm_contents(nodes: list[Node], items: list[Item], bgroups: list[list[int]], cache: LoraCache) -> None:
+    """Replace the pre-key by the exact content key on nodes whose pre-key another node has."""
+    by_pre: dict[str, list[int]] = {}
+    for i, nd in enumerate(nodes):
+        by_pre.setdefault(nd.content, []).append(i)
+    for ids in by_pre.values():
+        if len(ids) > 1:
+            for i in ids:
+                nodes[i].content = content_key(cache.get(i), items[bgroups[nodes[i].members[0]][0]].config_key)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -716,7 +844,10 @@ def _path_order(path: str) -> tuple[int, str]:
 
 
 def _reload(nd: Node, items: list[Item], bgroups: list[list[int]]) -> LoraDelta:
-    return read_lora(items[bgroups[nd.members[0]][0]].path)
+    rep = items[bgroups[nd.members[0]][0]]
+    ld = read_lora(rep.path)
+    ld.source["autov3"] = nd.autov3
+    return ld
 
 
 def family_bucket(family: str) -> str:
@@ -893,12 +1024,12 @@ def _evidence(tier: str, files: list[int], keep: int, items: list[Item], info: C
               node_of: dict[int, int], cache: LoraCache, links: list[dict[str, Any]],
               node_path: dict[int, str], lineage_root: dict[int, int]) -> dict[str, Any]:
     if tier == "bytes":
-        return {"sha256": items[keep].sha256, "bytes": items[keep].size}
+        return {"sha256": item_sha256(items[keep]), "bytes": items[keep].size}
     if tier == "tensors":
-        v3 = {info(f).autov3 for f in files if info(f)}
+        v3 = {info(f).autov3 for f in files if info(f)}  # type: ignore[union-attr]
         if len(v3) == 1:
             return {"autov3": next(iter(v3))}
-        return {"content_hash": True, "autov3": {items[f].path: info(f).autov3 for f in files if info(f)}}
+        return {"content_hash": True, "autov3": {items[f].path: info(f).autov3 for f in files if info(f)}}  # type: ignore[union-attr]
     if tier == "update":
         base = cache.get(node_of[keep])
         rows = []
@@ -918,7 +1049,8 @@ def _evidence(tier: str, files: list[int], keep: int, items: list[Item], info: C
     return {"verdict": "derived", "links": out}
 
 
-def _match_store(store: Any, nodes: list[Node], uf_u: UnionFind, cache: LoraCache) -> list[dict[str, Any]]:
+def _match_store(store: Any, nodes: list[Node], uf_u: UnionFind, cache: LoraCache, items: list[Item],
+                 bgroups: list[list[int]]) -> list[dict[str, Any]]:
     """Each update group's indexed entry (``resolve``), for groups and single files alike."""
     from lorasearch.resolve import resolve
 
@@ -930,6 +1062,7 @@ def _match_store(store: Any, nodes: list[Node], uf_u: UnionFind, cache: LoraCach
             continue
         seen.add(r)
         ld = cache.get(i)
+        ld.source["file_sha256"] = item_sha256(items[bgroups[nd.members[0]][0]])
         res = resolve(store, replace(ld, family=ld.metadata.get("family", ld.family), cache={}))
         if res.get("match"):
             out.append({"file": nd.path, "tier": res["tier"], "entry": res["match"], "evidence": res.get("evidence", {})})

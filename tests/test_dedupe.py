@@ -113,6 +113,8 @@ def test_groups_json(collection: Path, result) -> None:  # noqa: ANN001
     # a file stands in the group of its strongest tier; a keep stands for its group in the next one
     assert sorted(Path(f).name for f in by["bytes"]["files"]) == ["c_kohya.safetensors", "renamed copy.safetensors"]
     assert by["bytes"]["keep"] in by["tensors"]["files"]
+    # the pass hashes a file in two parts: the file's own sha256 is shown
+    assert by["bytes"]["evidence"]["sha256"] == hashlib.sha256(Path(by["bytes"]["keep"]).read_bytes()).hexdigest()
     assert str(collection / "header_edit.safetensors") in by["tensors"]["files"]
     assert by["tensors"]["keep"] in by["update"]["files"]
     # keep of the update group: lossless (fp32), the smallest such file
@@ -199,3 +201,65 @@ def test_unreadable_files_reported_not_grouped(tmp_path: Path) -> None:
     assert res["files"] == 3
     assert {Path(s["path"]).name for s in res["skipped"]} == {"a.safetensors", "b.safetensors", "c.ckpt"}
     assert [g["tier"] for g in res["groups"]] == ["bytes"]  # identical bytes, even unreadable
+
+
+def _safetensors(path: Path, values: list[float], metadata: dict[str, str] | None = None) -> Path:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"x": np.asarray(values, dtype=np.float32)}, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("content, header_ok", [
+    (None, True),  # a real safetensors file
+    (b"\x00" * 3, False),  # shorter than the length field
+    (b"\xff" * 8 + b"{}", False),  # header length beyond the file
+])
+def test_split_hashes(tmp_path: Path, content: bytes | None, header_ok: bool) -> None:
+    from lorasearch.dedupe import split_hashes
+    from lorasearch.hashes import autov3
+
+    p = tmp_path / "f.safetensors"
+    if content is None:
+        _safetensors(p, [1.0, 2.0])
+    else:
+        p.write_bytes(content)
+    head, v3, sha, size = split_hashes(p)
+    assert size == p.stat().st_size
+    if header_ok:
+        assert v3 == autov3(p) and sha == "" and head
+    else:
+        assert v3 is None and head == "" and sha == hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_split_hashes_identify_bytes(tmp_path: Path) -> None:
+    """A header edit keeps AutoV3 and changes the head; other values change AutoV3."""
+    from lorasearch.dedupe import split_hashes
+
+    a = split_hashes(_safetensors(tmp_path / "a.safetensors", [1.0, 2.0], {"k": "1"}))
+    b = split_hashes(_safetensors(tmp_path / "b.safetensors", [1.0, 2.0], {"k": "2"}))
+    c = split_hashes(_safetensors(tmp_path / "c.safetensors", [1.0, 3.0], {"k": "1"}))
+    d = split_hashes(Path(shutil.copy(tmp_path / "a.safetensors", tmp_path / "d.safetensors")))
+    assert a[1] == b[1] and a[0] != b[0]
+    assert a[1] != c[1]
+    assert a == d
+
+
+def test_content_prekey_and_key() -> None:
+    """Equal contents in another module order share both keys; one changed value changes the exact key."""
+    import numpy as np
+
+    from lorasearch.dedupe import content_key, content_prekey
+    from lorasearch.delta import Factored, LoraDelta
+
+    rng = np.random.default_rng(0)
+    mods = {f"m{i}": Factored(rng.standard_normal((6, 2)).astype(np.float32),
+                              rng.standard_normal((2, 5)).astype(np.float32), 0.5, (6, 5)) for i in range(3)}
+    a = LoraDelta("sd15", "kohya", mods)
+    b = LoraDelta("sd15", "kohya", dict(reversed(list(mods.items()))))
+    up = mods["m1"].up.copy()
+    up[2, 1] += 1.0  # not one of the values the pre-key samples
+    c = LoraDelta("sd15", "kohya", {**mods, "m1": Factored(up, mods["m1"].down, 0.5, (6, 5))})
+    assert content_prekey(a) == content_prekey(b) and content_key(a) == content_key(b)
+    assert content_prekey(a) == content_prekey(c) and content_key(a) != content_key(c)
