@@ -326,3 +326,23 @@ def test_negative_weight_found_beyond_the_overfetch(world: World) -> None:
     res = attribute(world.store, target, thresholds=Thresholds(overfetch=3, shortlist=4))
     assert {m["id"]: m["coefficient"] for m in res["matches"]} == pytest.approx(
         {world.ids[HIRVITA]: 0.8, world.ids[CATUND]: -0.5}, abs=1e-3)
+
+
+ZOO_DIR = Path(__file__).resolve().parents[1] / "data" / "zoo"
+
+
+@pytest.mark.parametrize("fmt", ["peft", "kohya", "loha"])
+def test_zoo_continue_training_resumes_the_saved_lora(fmt: str, tmp_path: Path) -> None:
+    """0 extra steps gives the saved ΔW back exactly; a few more steps move it, but it stays its own source."""
+    from lorasearch.zoo.train import continue_training
+
+    if not (ZOO_DIR / "labels.csv").is_file():
+        pytest.skip("data/zoo not built")
+    row = next(r for r in csv.DictReader(open(ZOO_DIR / "labels.csv")) if r["format"] == fmt)
+    src = load_lora(ZOO_DIR / row["file"])
+    for extra in (0, 3):
+        out = tmp_path / (f"c{extra}" if fmt == "peft" else f"c{extra}.safetensors")
+        res = continue_training(row, ZOO_DIR / row["file"], extra, ZOO_DIR, out=out)
+        c = compare(src, load_lora(out))
+        assert len(res.losses) == extra and c.shared_modules == len(src.modules)
+        assert (c.cosine > 1 - 1e-6) if extra == 0 else (0.9 < c.cosine < 1 - 1e-6)

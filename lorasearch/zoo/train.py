@@ -8,10 +8,12 @@ style one LoRA with one shared seed, rank, format and hyper-parameters.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -190,3 +192,154 @@ def spec_row(spec: LoraSpec) -> dict[str, Any]:
 def style_pool(style: Style, pool: list[render.Content]) -> np.ndarray:
     """The style applied to the shared content pool, float (N, 32, 32, 3)."""
     return np.stack([style(c.image) for c in pool])
+
+
+def spec_from_row(row: Mapping[str, Any], zoo_seed: int = 0, s: Settings | None = None) -> LoraSpec:
+    """The LoraSpec of a labels.csv row (``index`` and ``n_train`` re-derived from the LoRA's seed).
+
+    Args:
+        row: a labels.csv row (``file, genre, style, seed, rank, alpha, steps, lr, format, subset``).
+        zoo_seed: the zoo seed (``zoo.json`` params).
+        s: the zoo's Settings (default sizes when None).
+
+    Returns:
+        the spec the LoRA was trained from.
+    """
+    from lorasearch.zoo.styles import GENRES
+
+    s = s or Settings()
+    style = next(st for st in GENRES[row["genre"]] if st.name == row["style"])
+    if row["subset"] == "paper":
+        spec = paper_spec(zoo_seed, style, s)
+    else:
+        index = int(Path(str(row["file"])).name.split("-")[-2])  # <genre>-<style>-<NN>-<format>
+        spec = replace(mixed_spec(zoo_seed, style, 0, index, 1, s), format=str(row["format"]))
+        if spec.format == "loha":  # mixed_spec halved the rank only for the format it drew
+            spec = replace(spec, rank=int(row["rank"]), alpha=float(row["alpha"]))
+    if spec.seed != int(row["seed"]) or spec.steps != int(row["steps"]) or spec.rank != int(row["rank"]):
+        raise ValueError(f"{row['file']}: labels row does not match the spec re-derived from its seed")
+    return spec
+
+
+def _load_factors(trained: Any, spec: LoraSpec, lora_file: Path) -> None:
+    """Put a saved zoo LoRA's factors into a freshly wrapped adapter (same format, rank and alpha)."""
+    if spec.format in writers.LYCORIS_FORMATS:
+        state = trained.load_weights(str(lora_file))
+        if state.get("missing keys"):
+            raise ValueError(f"{lora_file}: missing {len(state['missing keys'])} LyCORIS tensors")
+        return
+    from lorasearch.formats import load_lora
+
+    ld = load_lora(lora_file)
+    scaling = spec.alpha / spec.rank  # peft's scale for this adapter
+    n = 0
+    for name, mod in trained.base_model.model.named_modules():
+        if not hasattr(mod, "lora_A") or "default" not in mod.lora_A:
+            continue
+        d = ld.modules[f"diffusion_model.{name.replace('.', '_')}"]
+        with torch.no_grad():
+            mod.lora_A["default"].weight.copy_(torch.from_numpy(np.array(d.down, dtype=np.float32)))
+            mod.lora_B["default"].weight.copy_(torch.from_numpy(np.array(d.up, dtype=np.float32) * (d.scale / scaling)))
+        n += 1
+    if n != len(ld.modules):
+        raise ValueError(f"{lora_file}: {len(ld.modules)} modules in the file, {n} adapted")
+
+
+@dataclass(frozen=True)
+class _ZooData:
+    """What every continued run of one zoo folder shares."""
+
+    root: str
+    settings: Settings
+    seed: int
+    config: dict[str, Any]
+    base: dict[str, torch.Tensor]
+    pool: list[render.Content]
+    cond: torch.Tensor
+
+
+@functools.lru_cache(maxsize=2)
+def _zoo_data(root: str) -> _ZooData:
+    """The zoo folder's settings, base UNet state, content pool and caption conditioning (read once)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = Path(root)
+    params = json.loads((folder / "zoo.json").read_text())["params"]
+    s = QUICK if params.get("quick") else Settings()
+    seed = int(params.get("seed", 0))
+    config = dict(s.unet_config) if s.unet_config else dict(zmodel.UNET_CONFIG)
+    base = load_file(str(folder / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+    pool = render.content_pool(s.pool, seed=seed + 11)  # as build.Worker makes it
+    text = zmodel.TextEncoder.load(folder / "model" / zmodel.TEXT_FILE)
+    return _ZooData(root, s, seed, config, base, pool, text([c.caption for c in pool]))
+
+
+@functools.lru_cache(maxsize=8)
+def _styled(root: str, genre: str, style: str) -> torch.Tensor:
+    """One style's pool as a training tensor (cached: a few styles are continued many times)."""
+    from lorasearch.zoo.styles import GENRES
+
+    st = next(x for x in GENRES[genre] if x.name == style)
+    return zmodel.to_tensor(style_pool(st, _zoo_data(root).pool))
+
+
+def continue_training(spec: LoraSpec | Mapping[str, Any], lora_file: str | Path, extra_steps: int,
+                      zoo_dir: str | Path, out: str | Path | None = None, lr: float | None = None,
+                      checkpoints: Mapping[int, str | Path] | None = None) -> TrainResult:
+    """Train a saved zoo LoRA for ``extra_steps`` more steps on its own data.
+
+    The run is continued as if it had not stopped: the same training subset and
+    the same seed-driven stream of batches, noise and timesteps (the first
+    ``spec.steps`` draws are replayed and skipped), with a fresh AdamW (as when
+    a run is resumed from the weights alone) at the spec's learning rate.
+
+    Args:
+        spec: the LoRA's spec, or its labels.csv row.
+        lora_file: the saved LoRA (a PEFT folder or a .safetensors file of the spec's format).
+        extra_steps: further optimiser steps.
+        zoo_dir: the zoo folder (``model/``, ``zoo.json``).
+        out: when given, the continued LoRA is written there in the spec's format.
+        lr: learning rate (default: the spec's).
+        checkpoints: extra-step count -> path: the LoRA is also written there after that many
+            further steps (intermediate saves of one continued run, as a trainer's ``checkpoint-N``).
+
+    Returns:
+        the TrainResult (``trained``: the peft model or lycoris network).
+    """
+    zoo = _zoo_data(str(Path(zoo_dir).resolve()))
+    s = zoo.settings
+    if not isinstance(spec, LoraSpec):
+        spec = spec_from_row(spec, zoo.seed, s)
+    start = time.time()
+    unet = zmodel.make_unet(0, zoo.config)
+    unet.load_state_dict(zoo.base)
+    unet.requires_grad_(False)
+    denoiser, trained, params_ = _adapter(unet, spec)
+    _load_factors(trained, spec, Path(lora_file))
+    images, cond = _styled(zoo.root, spec.genre, spec.style), zoo.cond
+    g = torch.Generator().manual_seed(spec.seed)
+    subset = torch.randperm(images.shape[0], generator=g)[: spec.n_train]
+    steps_t = zmodel.noise_scheduler().config.num_train_timesteps
+    for _ in range(spec.steps):  # replay the original run's draws (batch, timesteps, noise)
+        torch.randint(0, len(subset), (s.batch,), generator=g)
+        torch.randint(0, steps_t, (s.batch,), generator=g)
+        torch.randn((s.batch, *images.shape[1:]), generator=g)
+    opt = torch.optim.AdamW(params_, lr=spec.lr if lr is None else lr, weight_decay=0.0)
+    sched = zmodel.noise_scheduler()
+    losses = []
+    denoiser.train()
+    for _ in range(extra_steps):
+        idx = subset[torch.randint(0, len(subset), (s.batch,), generator=g)]
+        loss = zmodel.diffusion_loss(denoiser, images[idx], cond[idx], sched, g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if checkpoints and len(losses) in checkpoints:
+            writers.write(spec.format, trained, Path(checkpoints[len(losses)]), spec.rank, spec.alpha)
+    denoiser.eval()
+    if out is not None:
+        writers.write(spec.format, trained, Path(out), spec.rank, spec.alpha)
+    return TrainResult(trained, denoiser, subset.numpy(), losses, time.time() - start)
