@@ -48,13 +48,9 @@ K = 10
 
 
 def _mem() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, val = line.split(":", 1)
-                out[key] = int(val.split()[0]) * 1024
-    return {"rss": out.get("VmRSS", 0), "peak": out.get("VmHWM", 0)}
+    from query_latency import proc_mem
+
+    return proc_mem()
 
 
 def _gib(b: float) -> str:
