@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lorasearch.delta import Dense, Delta, Factored, Kronecker, LoraDelta, NeedsBase, Side, side_matrix, side_shape
+from lorasearch.delta import Delta, Factored, Kronecker, LoraDelta, NeedsBase, Side, side_matrix, side_shape
 
 
 def _f64(x: np.ndarray) -> np.ndarray:

@@ -464,7 +464,6 @@ def query(store: Store, ld: LoraDelta, view: str = VIEW_DELTA, k: int = 10, grou
     Raises:
         BadInput: unknown view or module group.
     """
-    family = ld.family
     if view not in QUERY_VIEWS:
         raise BadInput(f"unknown view {view!r} (expected one of {', '.join(QUERY_VIEWS)})", code="bad_view")
     try:
