@@ -75,18 +75,6 @@ class JSONOut(JSONResponse):
         return json.dumps(json_safe(content), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-class LockedDeltaCache(DeltaCache):
-    """``DeltaCache`` shared by the request threads (its LRU bookkeeping is not thread-safe on its own)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._lock = threading.Lock()
-
-    def get(self, sha256: str, path: Path) -> Any:
-        with self._lock:
-            return super().get(sha256, path)
-
-
 class Timing:
     """Stage durations of one request, for its ``Server-Timing`` header (stage names are tokens)."""
 
@@ -256,7 +244,7 @@ def create_app(db: str | Path, max_upload_mb: float = 512, token_file: str | Pat
     """
     settings = Settings(Path(db), max(1, int(max_upload_mb * 2**20)), read_token(token_file),
                         Path(tmp_dir) if tmp_dir is not None else None)
-    cache = LockedDeltaCache()
+    cache = DeltaCache()  # thread-safe on its own: shared by the request threads
     maps = MapRefresher(settings.db)
     freezer = HeapFreezer()
 

@@ -271,8 +271,8 @@ def _autov3(ld: LoraDelta | None) -> str:
 
 
 @contextlib.contextmanager
-def _single_threaded_children() -> Iterator[None]:
-    """Workers inherit one BLAS/OpenMP thread each (the pool is the parallelism)."""
+def single_threaded_children() -> Iterator[None]:
+    """Child processes started inside inherit one BLAS/OpenMP thread each (the pool is the parallelism)."""
     old = {v: os.environ.get(v) for v in _THREAD_VARS}
     for v in _THREAD_VARS:
         os.environ.setdefault(v, "1")
@@ -479,7 +479,7 @@ def _run(sources: list[str], writer: _Writer, jobs: JobTable, job_id: int, worke
 
     runner = _PoolRunner(workers, k, dim, on_result) if workers > 1 else None
     try:
-        with _single_threaded_children() if runner else contextlib.nullcontext():
+        with single_threaded_children() if runner else contextlib.nullcontext():
             for x in expand_sources(sources, endpoint, cache_dir, search_limit):
                 writer.discovered()
                 if isinstance(x, Failure):

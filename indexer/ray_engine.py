@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import time
 from pathlib import Path
@@ -34,13 +33,12 @@ from lorasearch.store import IndexPolicy, Store, record_from
 
 from indexer import shards as sh
 from indexer.jobs import DONE, JobTable, Outcome
-from indexer.pipeline import exclusive, process_item
+from indexer.pipeline import exclusive, process_item, single_threaded_children
 from indexer.sources import DEFAULT_SEARCH_LIMIT, Failure, WorkItem, expand_sources
 
 BATCH_FILES = 8
 BATCH_BYTES = 64 * 2**20
 MAX_RETRIES = 2
-_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 # --------------------------------------------------------------------------- the task (runs on a worker)
@@ -87,21 +85,12 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[An
 
     started = False
     if not ray.is_initialized():
-        old = {v: os.environ.get(v) for v in _THREAD_VARS}
-        for v in _THREAD_VARS:  # local workers inherit one BLAS thread each: the tasks are the parallelism
-            os.environ.setdefault(v, "1")
-        try:
+        with single_threaded_children():  # local workers: one BLAS thread each, the tasks are the parallelism
             if address:
                 ray.init(address=address, log_to_driver=False)
             else:
                 ray.init(num_cpus=num_cpus or 2, include_dashboard=False, _node_ip_address="127.0.0.1",
                          log_to_driver=False)
-        finally:
-            for v, val in old.items():
-                if val is None:
-                    os.environ.pop(v, None)
-                else:
-                    os.environ[v] = val
         started = True
     try:
         yield ray

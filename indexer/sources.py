@@ -154,21 +154,13 @@ def _hidden(path: Path, root: Path) -> bool:
 
 
 def _folder_paths(folder: Path) -> Iterator[Path]:
-    """LoRA paths under a folder: the folder itself when it is a PEFT adapter, then ``find_loras``.
-
-    A PEFT folder's ``adapter_model.safetensors`` is never listed again on its
-    own (``find_loras`` lists it when the folder has no ``adapter_config.json``).
-    """
-    peft_dirs: set[Path] = set()
+    """LoRA paths under a folder: the folder itself when it is a PEFT adapter, then ``find_loras``
+    (which lists a PEFT folder once, never its weights file on its own)."""
     if (folder / PEFT_WEIGHTS).is_file():
-        peft_dirs.add(folder)
         yield folder
     for p in find_loras(folder):
-        if _hidden(p, folder) or (p.name == PEFT_WEIGHTS and p.parent in peft_dirs):
-            continue
-        if p.is_dir():
-            peft_dirs.add(p)
-        yield p
+        if not _hidden(p, folder):
+            yield p
 
 
 def expand_local(source: str, path: Path | None = None) -> Iterator[WorkItem | Failure]:

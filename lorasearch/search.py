@@ -76,7 +76,7 @@ class DeltaCache:
 
     def packed(self, sha256: str, path: Path) -> tuple[LoraDelta, FactorPack]:
         """``get`` plus the candidate's factor stacks for batched exact inner products (built once)."""
-        ld = self.get(sha256, path)  # outside the mutex: a subclass's get may take its own lock first
+        ld = self.get(sha256, path)  # takes the mutex itself
         with self._mutex:
             pack = ld.cache.get(_PACK_KEY)
             if pack is None:

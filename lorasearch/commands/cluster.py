@@ -4,10 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import typer
 
-from lorasearch.cli import _emit, _err, _open_store, handles_errors
 from lorasearch.errors import BadInput
 
 SHORT = ("ari", "nmi", "ami", "purity", "silhouette", "p_at_k", "map")
@@ -19,6 +17,7 @@ def _short(section: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def register(app: typer.Typer) -> None:
     """Add the ``cluster`` command to the CLI."""
+    from lorasearch.cli import _emit, _err, _open_store, handles_errors  # here: the CLI imports this module
 
     @app.command()
     @handles_errors
@@ -40,6 +39,8 @@ def register(app: typer.Typer) -> None:
         subset: Optional[str] = typer.Option(None, "--subset", help="Only labels.csv rows with this `subset` value (e.g. mixed, paper)."),
     ) -> None:
         """Cluster labelled LoRAs by each weight view and image baseline; write report.md/html and metrics.json."""
+        import numpy as np
+
         from lorasearch.cluster.baselines import SCENARIOS
         from lorasearch.cluster.evaluate import LEVELS, Rep
         from lorasearch.cluster.report import write_report
