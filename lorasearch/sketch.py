@@ -32,7 +32,8 @@ BUCKETS_PER_ENTRY = 4
 
 MODULE_GROUPS: dict[str, re.Pattern[str]] = {
     "attention": re.compile(r"(attn|attention(?!s)|self_attn|to_[qkv]\b|to_out|q_proj|k_proj|v_proj|o_proj|out_proj|c_attn|query|key|value|qkv)"),
-    "feed_forward": re.compile(r"(\.ff\.|ff_context|\.mlp\.|\bmlp\b|fc1|fc2|proj_mlp|gate_proj|up_proj|down_proj|c_fc|c_proj|dense_h_to_4h|dense_4h_to_h|\.ffn|feed_forward|intermediate\.dense|output\.dense|lin1|lin2)"),
+    # flattened names (kohya-style, unknown families) separate words with "_": ``..._ff_net_0_proj``
+    "feed_forward": re.compile(r"((?:^|[._])(?:ff|mlp|ffn)(?:[._]|$)|\.ff\.|ff_context|\.mlp\.|\bmlp\b|fc1|fc2|proj_mlp|gate_proj|up_proj|down_proj|c_fc|c_proj|dense_h_to_4h|dense_4h_to_h|\.ffn|feed_forward|intermediate\.dense|output\.dense|lin1|lin2)"),
     "conv": re.compile(r"(conv|resnets|downsamplers|upsamplers|proj_in|proj_out)"),
     "text_encoder": re.compile(r"^text_encoder"),
 }

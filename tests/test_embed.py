@@ -153,3 +153,19 @@ def test_sketch_and_norms_is_sketch_lora_plus_module_norms_bit_for_bit(names: tu
     z0, n0 = sketch_lora(ld), module_norms(ld)
     assert list(z) == list(z0) == list(n) and "needs" not in z
     assert all(np.array_equal(z[m], z0[m]) for m in z) and n == {m: n0[m] for m in z}
+
+
+@pytest.mark.parametrize("name, groups", [
+    (FF, {"feed_forward"}),
+    (ATTN, {"attention"}),
+    (CONV, {"conv"}),
+    ("diffusion_model.down_blocks_1_attentions_0_transformer_blocks_0_ff_net_0_proj", {"feed_forward"}),
+    ("diffusion_model.down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q", {"attention"}),
+    ("lora_te_text_model_encoder_layers_0_mlp_fc1", {"feed_forward"}),
+    ("transformer.single_transformer_blocks.0.proj_mlp", {"feed_forward"}),
+    ("unet.buffer_diffusion", set()),
+])
+def test_module_groups_of_dotted_and_flattened_names(name: str, groups: set[str]) -> None:
+    from lorasearch.sketch import module_groups
+
+    assert set(module_groups(name)) == groups

@@ -34,7 +34,7 @@ READ_AS = {"peft": ("peft", "Factored"), "diffusers": ("diffusers", "Factored"),
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("zoo")
     summary = build_zoo(out, **ARGS)
-    assert summary["built"] == summary["total"] == 12
+    assert summary["built"] == summary["total"] == 16  # 8 mixed + 2 paper per style
     return out
 
 
@@ -47,8 +47,8 @@ def test_labels_complete(zoo: Path) -> None:
     with open(zoo / "labels.csv", newline="") as f:
         assert next(csv.reader(f)) == LABEL_FIELDS
     rows = _rows(zoo)
-    assert len(rows) == 12
-    assert sum(r["subset"] == "paper" for r in rows) == 4
+    assert len(rows) == 16
+    assert sum(r["subset"] == "paper" for r in rows) == 8
     for r in rows:
         assert (zoo / r["file"]).exists()
         for key in ("train_images", "generated_images"):
@@ -58,7 +58,8 @@ def test_labels_complete(zoo: Path) -> None:
     assert {r["format"] for r in mixed} == set(READ_AS)
     paper = [r for r in rows if r["subset"] == "paper"]
     assert len({(r["seed"], r["rank"], r["format"], r["steps"], r["lr"]) for r in paper}) == 1
-    assert {(r["genre"], r["style"]) for r in paper} == {(s.genre, s.name) for s in select_styles(2, 2)}
+    assert sorted((r["genre"], r["style"]) for r in paper) == sorted(
+        (s.genre, s.name) for s in select_styles(2, 2) for _ in range(2))
     assert (zoo / "README.md").read_text().count("labels.csv") >= 1
     assert (zoo / "model" / "unet" / "diffusion_pytorch_model.safetensors").exists()
 
@@ -75,6 +76,22 @@ def test_formats_read_back_as_one_family(zoo: Path) -> None:
         assert any(np.abs(d.matrix()).max() > 0 for d in ld.weight_modules().values()), "untrained LoRA"
         families.add(ld.family)
     assert len(families) == 1 and families.pop().startswith("unknown:")
+
+
+def test_paper_loras_of_a_style_differ_only_in_training_images(zoo: Path) -> None:
+    from lorasearch.zoo.styles import GENRES
+    from lorasearch.zoo.train import paper_spec, spec_from_row, training_subset
+    import torch
+
+    rows = [r for r in _rows(zoo) if r["subset"] == "paper"]
+    for r in rows:  # labels rows map back to their specs (index from the file name)
+        assert spec_from_row(r, 0, QUICK).stem in r["file"]
+    style = GENRES["palette"][0]
+    a, b = paper_spec(0, style, QUICK, 0), paper_spec(0, style, QUICK, 1)
+    ga, gb = torch.Generator().manual_seed(a.seed), torch.Generator().manual_seed(b.seed)
+    sa, sb = training_subset(a, QUICK.pool, ga), training_subset(b, QUICK.pool, gb)
+    assert not torch.equal(sa, sb)
+    assert torch.equal(torch.randn(4, generator=ga), torch.randn(4, generator=gb)), "one shared stream"
 
 
 def test_resume_skips_and_settings_are_kept(zoo: Path) -> None:

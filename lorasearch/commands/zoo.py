@@ -15,7 +15,8 @@ LoRAs on deterministic style transforms grouped into genres (palette, hatching,
 pixel, ink, dither, watercolour): --loras-per-style LoRAs per style, each with
 its own hashed seed, rank, alpha, steps, learning rate and training subset,
 written as peft / diffusers / kohya / LyCORIS LoHa / LoKr. --paper-subset adds
-one LoRA per style sharing one seed, rank and format (the paper's setting).
+--paper-per-style LoRAs per style sharing one seed, rank and format (the paper's
+setting); they differ only in their training images.
 
 Writes DIR/labels.csv (file,genre,style,seed,rank,alpha,steps,lr,format,subset,
 train_images,generated_images), DIR/model/, DIR/loras/, DIR/images/ and
@@ -37,7 +38,9 @@ def register(app: typer.Typer) -> None:
         loras_per_style: int = typer.Option(5, "--loras-per-style", min=1, help="mixed-collection LoRAs per style"),
         seed: int = typer.Option(0, "--seed", help="zoo seed: base model, content and every LoRA's hashed seed"),
         paper_subset: bool = typer.Option(True, "--paper-subset/--no-paper-subset",
-                                          help="add one LoRA per style with one shared seed/rank/format"),
+                                          help="add LoRAs with one shared seed/rank/format (paper setting)"),
+        paper_per_style: int = typer.Option(2, "--paper-per-style", min=1,
+                                            help="paper-setting LoRAs per style (they differ in training images)"),
         quick: bool = typer.Option(False, "--quick", help="seconds-long sizes (tiny UNet, few steps): for tests"),
         workers: int = typer.Option(1, "--workers", min=1, help="processes training LoRAs in parallel"),
         json_out: bool = typer.Option(False, "--json", help="print the summary as JSON"),
@@ -49,7 +52,7 @@ def register(app: typer.Typer) -> None:
         try:
             summary = build_zoo(out, genres, styles_per_genre, loras_per_style, seed, paper_subset, quick, workers,
                                 command=" ".join(["lorasearch", *map(shlex.quote, sys.argv[1:])]),
-                                progress=bar.update, log=_err)
+                                progress=bar.update, log=_err, paper_per_style=paper_per_style)
         except ValueError as exc:
             raise BadInput(str(exc)) from None
         finally:

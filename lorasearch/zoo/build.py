@@ -187,14 +187,18 @@ def _check_settings(out: Path, params: dict[str, Any]) -> dict[str, Any]:
     path = out / "zoo.json"
     if path.exists():
         state = json.loads(path.read_text())
-        if state["params"] != params:
+        # Zoos from before paper_per_style had one; changing it only adds or leaves out paper LoRAs.
+        old = dict(state["params"], paper_per_style=params["paper_per_style"])
+        if old != params:
             raise ValueError(f"{out} holds a zoo built with {state['params']}; use another --out or the same options")
+        state["params"] = params
         return state
     return {"params": params, "runs": []}
 
 
 def build_zoo(out: Path, genres: int = 5, styles_per_genre: int = 4, loras_per_style: int = 5, seed: int = 0,
               paper: bool = True, quick: bool = False, workers: int = 1, command: str = "",
+              paper_per_style: int = 2,
               progress: Callable[[int, int, str], None] | None = None,
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Build (or resume) a zoo in ``out``.
@@ -205,7 +209,8 @@ def build_zoo(out: Path, genres: int = 5, styles_per_genre: int = 4, loras_per_s
         styles_per_genre: styles per genre.
         loras_per_style: mixed-collection LoRAs per style.
         seed: the zoo seed (base model, content pool, every LoRA seed).
-        paper: also build the paper-setting subset (one LoRA per style).
+        paper: also build the paper-setting subset.
+        paper_per_style: paper-setting LoRAs per style (one seed; they differ in training images).
         quick: the seconds-long test sizes (tiny UNet, a few steps).
         workers: processes training LoRAs in parallel.
         command: the command line, recorded in README.md.
@@ -219,11 +224,11 @@ def build_zoo(out: Path, genres: int = 5, styles_per_genre: int = 4, loras_per_s
     out.mkdir(parents=True, exist_ok=True)
     s = settings_for(quick)
     params = dict(genres=genres, styles_per_genre=styles_per_genre, loras_per_style=loras_per_style, seed=seed,
-                  paper=paper, quick=quick)
+                  paper=paper, quick=quick, paper_per_style=paper_per_style)
     state = _check_settings(out, params)
     _atomic_text(out / "zoo.json", json.dumps(state, indent=1))
     styles = select_styles(genres, styles_per_genre)
-    specs = zoo_specs(styles, loras_per_style, seed, paper, s)
+    specs = zoo_specs(styles, loras_per_style, seed, paper, s, paper_per_style)
     if not (out / "model" / "zoo_model.json").exists():
         zmodel.pretrain(out / "model", seed=seed, pool_size=s.pretrain_pool, steps=s.pretrain_steps,
                         batch=s.pretrain_batch, config=_unet_config(s), log=log)
@@ -360,9 +365,11 @@ noise and timesteps. Formats rotate over peft (folder), diffusers, kohya (diffus
 `convert_state_dict_to_kohya`), LyCORIS LoHa and LoKr (`lycoris-lora`), so each style
 has one LoRA of every format when there are 5 per style.
 
-`subset=paper`: one LoRA per style, all with ONE shared seed, rank {PAPER_TEXT}: the
-paper's setting (arXiv 2412.12048), where the shared sampling sequence is the same
-for every style.
+`subset=paper`: {p.get("paper_per_style", 1)} LoRA(s) per style, all with ONE shared seed, rank
+{PAPER_TEXT}: the paper's setting (arXiv 2412.12048), where the shared sampling sequence
+(batch positions, noise, timesteps, factor init) is the same for every LoRA. LoRAs of one
+style differ only in their training images (`-paper-`: the seed's own draw of 64 of the
+pool; `-paperN-`: a draw seeded by N), as the paper's LoRAs of one artist do.
 """
     _atomic_text(out / "README.md", text)
 

@@ -4,7 +4,9 @@ Each LoRA's seed is a hash of (zoo seed, genre, style, index), so no two LoRAs
 share a random sequence, and that seed drives everything random in its run:
 the hyper-parameters drawn for it, the factor initialisation, its training
 subset, batches, noise and timesteps. The "paper" subset instead gives every
-style one LoRA with one shared seed, rank, format and hyper-parameters.
+style a few LoRAs that share one seed, rank, format and hyper-parameters, and so
+one stream of batches, noise and timesteps; they differ only in their training
+images (the paper's LoRAs of one artist differ in the images alone).
 """
 from __future__ import annotations
 
@@ -72,7 +74,10 @@ class LoraSpec:
     @property
     def stem(self) -> str:
         """File stem, unique in the zoo."""
-        tag = "paper" if self.subset == "paper" else f"{self.index:02d}"
+        if self.subset == "paper":
+            tag = "paper" if self.index == 0 else f"paper{self.index}"
+        else:
+            tag = f"{self.index:02d}"
         return f"{self.genre}-{self.style}-{tag}-{self.format}"
 
 
@@ -100,19 +105,37 @@ def mixed_spec(zoo_seed: int, style: Style, style_pos: int, index: int, per_styl
                     int(rng.choice(s.n_train)))
 
 
-def paper_spec(zoo_seed: int, style: Style, s: Settings) -> LoraSpec:
-    """The paper-setting LoRA of ``style``: one seed, rank, format and schedule shared by all styles."""
+def paper_spec(zoo_seed: int, style: Style, s: Settings, index: int = 0) -> LoraSpec:
+    """A paper-setting LoRA of ``style``: one seed, rank, format and schedule shared by all styles.
+
+    ``index`` picks the training images (see ``training_subset``); nothing else differs.
+    """
     seed = lora_seed(zoo_seed, "paper", "paper", 0)
-    return LoraSpec(style.genre, style.name, 0, seed, int(PAPER["rank"]), float(PAPER["alpha"]), s.paper_steps,
+    return LoraSpec(style.genre, style.name, index, seed, int(PAPER["rank"]), float(PAPER["alpha"]), s.paper_steps,
                     float(PAPER["lr"]), str(PAPER["format"]), "paper", min(int(PAPER["n_train"]), s.pool))
 
 
-def zoo_specs(styles: list[Style], per_style: int, zoo_seed: int, paper: bool, s: Settings) -> list[LoraSpec]:
-    """All LoRAs of a zoo, mixed first (style-major), then the paper subset."""
+def zoo_specs(styles: list[Style], per_style: int, zoo_seed: int, paper: bool, s: Settings,
+              paper_per_style: int = 1) -> list[LoraSpec]:
+    """All LoRAs of a zoo, mixed first (style-major), then the paper subset (index-major)."""
     specs = [mixed_spec(zoo_seed, st, pos, i, per_style, s) for pos, st in enumerate(styles) for i in range(per_style)]
     if paper:
-        specs += [paper_spec(zoo_seed, st, s) for st in styles]
+        specs += [paper_spec(zoo_seed, st, s, i) for i in range(paper_per_style) for st in styles]
     return specs
+
+
+def training_subset(spec: LoraSpec, pool: int, g: torch.Generator) -> torch.Tensor:
+    """The LoRA's training images (indices into the pool); always advances ``g`` by one permutation.
+
+    A paper-setting LoRA with index > 0 draws its images from its own generator,
+    so it shares the batch/noise/timestep stream of ``g`` with the other
+    paper-setting LoRAs but not their images.
+    """
+    subset = torch.randperm(pool, generator=g)[: spec.n_train]
+    if spec.subset == "paper" and spec.index > 0:
+        own = torch.Generator().manual_seed(lora_seed(spec.seed, spec.genre, spec.style, f"subset{spec.index}"))
+        subset = torch.randperm(pool, generator=own)[: spec.n_train]
+    return subset
 
 
 def _adapter(unet: Any, spec: LoraSpec) -> tuple[Any, Any, list[torch.nn.Parameter]]:
@@ -168,7 +191,7 @@ def train_lora(spec: LoraSpec, base_state: dict[str, torch.Tensor], images: torc
     unet.requires_grad_(False)
     denoiser, trained, params = _adapter(unet, spec)
     g = torch.Generator().manual_seed(spec.seed)
-    subset = torch.randperm(images.shape[0], generator=g)[: spec.n_train]
+    subset = training_subset(spec, images.shape[0], g)
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
     sched = zmodel.noise_scheduler()
     losses = []
@@ -210,7 +233,8 @@ def spec_from_row(row: Mapping[str, Any], zoo_seed: int = 0, s: Settings | None 
     s = s or Settings()
     style = next(st for st in GENRES[row["genre"]] if st.name == row["style"])
     if row["subset"] == "paper":
-        spec = paper_spec(zoo_seed, style, s)
+        tag = Path(str(row["file"])).name.split("-")[-2]  # <genre>-<style>-paper[N]-<format>
+        spec = paper_spec(zoo_seed, style, s, int(tag[len("paper"):] or 0))
     else:
         index = int(Path(str(row["file"])).name.split("-")[-2])  # <genre>-<style>-<NN>-<format>
         spec = replace(mixed_spec(zoo_seed, style, 0, index, 1, s), format=str(row["format"]))
@@ -320,7 +344,7 @@ def continue_training(spec: LoraSpec | Mapping[str, Any], lora_file: str | Path,
     _load_factors(trained, spec, Path(lora_file))
     images, cond = _styled(zoo.root, spec.genre, spec.style), zoo.cond
     g = torch.Generator().manual_seed(spec.seed)
-    subset = torch.randperm(images.shape[0], generator=g)[: spec.n_train]
+    subset = training_subset(spec, images.shape[0], g)
     steps_t = zmodel.noise_scheduler().config.num_train_timesteps
     for _ in range(spec.steps):  # replay the original run's draws (batch, timesteps, noise)
         torch.randint(0, len(subset), (s.batch,), generator=g)
