@@ -473,7 +473,7 @@ def create_app(db: str | Path, max_upload_mb: float = 512, token_file: str | Pat
             "Base model of an uploaded full checkpoint, as a hub id (owner/name[@revision]). Only a copy already on "
             "the server is used (the store's bases/ folder or the local Hugging Face cache); the API never "
             "downloads it (422 base_not_local). Ignored for LoRA uploads.")),
-        max_fpr: float = Query(1e-4, ge=0.0, le=1.0, description="A component counts when its calibrated "
+        max_fpr: float = Query(2e-4, ge=0.0, le=1.0, description="A component counts when its calibrated "
                                "false-positive rate is at most this."),
         min_cosine: float = Query(0.1, ge=0.0, le=1.0, description="... and its (partial) cosine with the target "
                                   "is at least this."),

@@ -103,12 +103,32 @@ def targets(mixed: dict[str, Any], paper_sub: dict[str, Any] | None) -> list[str
     return lines
 
 
+def setting_lines(pset: dict[str, Any] | None) -> list[str]:
+    """The paper's own setting (one seed, rank and format): the paper's claim, reproduced or not."""
+    if pset is None:
+        return ["- not scored: the zoo has no paper-setting subset"]
+    lines = []
+    for level, sec in pset["levels"].items():
+        v, va = best(sec, "views", ("paper",))
+        b, ba = best(sec, "baselines")
+        p = {n: s["ari"] for n, s in sec["views"].items() if n.startswith("paper")}
+        if not (np.isfinite(va) and np.isfinite(ba)) or not p:
+            lines.append(f"- {level}: not scored (see notes)")
+            continue
+        pn, pa = max(p.items(), key=lambda t: t[1])
+        lines.append(f"- {level}: best LoRA view `{v}` ARI {va:.3f}, `{pn}` {pa:.3f}, best image baseline `{b}` {ba:.3f}"
+                     f" -> LoRA view {'≥' if va >= ba else '<'} image baseline; `{pn}` {'≥' if pa >= ba else '<'}"
+                     f" image baseline")
+    return lines
+
+
 def _expected(zoo: Path) -> int | None:
     """How many LoRAs the zoo's zoo.json asks for (None when unknown)."""
     try:
         p = json.loads((zoo / "zoo.json").read_text())["params"]
         styles = int(p["genres"]) * int(p["styles_per_genre"])
-        return styles * int(p["loras_per_style"]) + (styles if p.get("paper") else 0)
+        paper = styles * int(p.get("paper_per_style", 1)) if p.get("paper") else 0
+        return styles * int(p["loras_per_style"]) + paper
     except (OSError, KeyError, ValueError, TypeError):
         return None
 
@@ -196,6 +216,10 @@ def main() -> None:
         "",
         "### Targets (mixed collection)\n",
         *targets(res_mixed, res_paper_sub),
+        "",
+        f"### The paper's setting ({int(paper_set.sum())} LoRAs: one seed, rank and format; no target, the paper's"
+        " claim checked)\n",
+        *setting_lines(res_pset),
         "",
         f"### Mixed collection ({res_mixed['n']} LoRAs: seeds, ranks, trainers and formats differ)\n",
         table(res_mixed),

@@ -16,13 +16,14 @@ Accuracy set (one ``dedupe`` run over all of it, as a user would run it on a col
   ``scale0.5``, ``reparam`` (``update``) and ``rank/2`` (SVD), ``no-attn2``
   (module subset), ``noise30`` (30 % noise on the up factors: a stand-in for
   further training, which needs the real base model) (``lineage``);
-- a tiny zoo: LoRAs trained on the tiny UNet (``lorasearch.samples``) and
-  written by every writer (``write_copies``: PEFT folder, diffusers, kohya,
-  fp16, bf16, re-parameterised: ``update``), a byte copy, a header edit, and
-  ``lineage`` derivatives: trained 25 % further from the saved adapter
-  (``continue_training``, real further training), rank 2 of 4, no-attn2.
-  For each zoo LoRA one more LoRA shares its training script and init seed
-  but has other data (same-seed, unrelated).
+- the style zoo (``data/zoo``, ``lorasearch zoo``): mixed LoRAs spread over
+  its styles and formats, each with a byte copy, a header edit, the update
+  rewritten as kohya fp32, scaled by 0.5 and re-parameterised (``update``; not
+  LoKr), and ``lineage`` derivatives: rank/2, no-attn2 and real further
+  training for +25 % of its steps from the saved file
+  (``lorasearch.zoo.train.continue_training``); and all 40 paper-setting
+  LoRAs, which share one seed and sampling stream (same style: other
+  training images; exact ΔW cosine up to 0.85): unrelated, never grouped.
 
 The bytes and tensors tiers are identities (sha256 of the file and its
 sidecar; AutoV3, or the same decoded modules and dtypes under other keys, as
@@ -37,13 +38,14 @@ share true at t; recall: of the pairs true at t, the share predicted at t.
 Cost: ``dedupe`` of 10,000 files generated into a temp folder, against sha256
 of the same files (``dedupe.sha256_file``, one thread, warm page cache, as
 dedupe sees them; coreutils ``sha256sum`` is 2-4× slower here). Random-valued
-kohya LoRAs of two layouts: ``tiny`` (the tiny UNet's 40 modules, ~90 KB) and
+kohya LoRAs of two layouts: ``zoo`` (a kohya LoRA of the style zoo: its 70
+modules and ranks, 0.1-0.3 MB) and
 ``sd15`` (the layout of a real ~3 MB SD1.5 LoRA of ``../shared/loras``: its
 module names, shapes, ranks and scales, new random factors, as a real
 collection of that base would be). Two mixes each: 1 % of the files have
 distinct tensors and need reading (per LoRA: the original, a fp16 cast, a
 header edit, 97 byte copies) and 10 % (the same with 17 byte copies). The
-``tiny`` copies are real files; the ``sd15`` copies are hard links to the
+``zoo`` copies are real files; the ``sd15`` copies are hard links to the
 original (10,000 × 3 MB would not fit the disk): sha256 and dedupe both still
 open and read every path in full (from the page cache), and neither can tell a
 link from a copy; dedupe does not look at inode numbers.
@@ -67,13 +69,14 @@ from typing import Any
 
 import numpy as np
 
-from common import SHARED_LORAS, command_line, machine, md_table, median, set_torch_threads, today, write_section
+from common import REPO, SHARED_LORAS, command_line, machine, md_table, median, set_torch_threads, today, write_section
 
 from lorasearch.dedupe import HASH_THREADS, TIERS, dedupe, resave_with_metadata, sha256_file
 from lorasearch.delta import Factored, LoraDelta
 from lorasearch.errors import LoraSearchError
 from lorasearch.formats import load_lora
 
+ZOO = REPO / "data" / "zoo"
 UPDATE_TRANSFORMS = ("format", "fp16", "bf16", "scale0.5", "reparam")
 LINEAGE_TRANSFORMS = ("rank/2", "no-attn2", "noise30")
 TARGETS = {"bytes": (1.0, 1.0), "tensors": (1.0, 1.0), "update": (1.0, 1.0), "lineage": (0.95, 0.95)}
@@ -216,46 +219,69 @@ def with_identities(truth: dict[Path, Truth]) -> dict[Path, Truth]:
             for i, p in enumerate(paths)}
 
 
-def _same_seed_lora(init_seed: int, data_seed: int, steps: int) -> Any:
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from lorasearch.samples import ALPHA, RANK, TARGETS as MODS, train_steps
-    from lorasearch.tinymodels import make_tiny_unet
-
-    torch.manual_seed(init_seed)
-    pm = get_peft_model(make_tiny_unet(0), LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=MODS))
-    train_steps(pm, steps, data_seed=data_seed)
-    return pm
+def _copy(src: Path, dst: Path) -> Path:
+    """A byte copy of a LoRA file or PEFT folder."""
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copy(src, dst)
+    return dst
 
 
-def zoo(out: Path, n: int, steps: int = 12) -> dict[Path, Truth]:
-    """Tiny trained LoRAs in every writer's format, their copies and lineage derivatives, same-seed others."""
+def zoo_rows(n: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """``n`` mixed LoRAs of the style zoo spread over its styles and formats, and its paper-setting LoRAs."""
+    rows = list(csv.DictReader(open(ZOO / "labels.csv")))
+    mixed = [r for r in rows if r["subset"] == "mixed"]
+    idx = sorted(set(np.linspace(0, len(mixed) - 1, n).round().astype(int))) if n else []
+    return [mixed[i] for i in idx], [r for r in rows if r["subset"] == "paper"]
+
+
+def zoo(out: Path, n: int, paper: bool = True) -> dict[Path, Truth]:
+    """LoRAs of the style zoo (``data/zoo``) with copies and derivatives, plus its paper-setting LoRAs.
+
+    Per LoRA: the file (or PEFT folder) itself, a byte copy, a header edit (files), the update
+    rewritten as kohya fp32 (``format``), scaled by 0.5 and re-parameterised (``update``; not for
+    LoKr, whose Kronecker factors the kohya writer does not write), and three ``lineage``
+    derivatives: rank/2 by SVD, without attn2, and trained 25 % further from the saved file
+    (``lorasearch.zoo.train.continue_training``: its own data and seed stream). The paper-setting
+    LoRAs all share one seed and sampling stream (two per style, other training images): unrelated.
+    """
     from lorasearch.attribution import derivatives as dv
-    from lorasearch.samples import train_lora, write_copies
+    from lorasearch.delta import Kronecker
+    from lorasearch.zoo.train import continue_training
 
+    mixed, paper_rows = zoo_rows(n)
     made: dict[Path, Truth] = {}
-    for z in range(n):
-        seed = 500 + z
+    rng = np.random.default_rng(7)
+    for z, row in enumerate(mixed):
         d = out / f"z{z:02d}"
-        copies = write_copies(train_lora(steps=steps, seed=seed), d / "w")
-        o = f"zoo{z}"
-        for name, p in copies.items():
-            made[p] = Truth(o, o, f"{o}:{name}", f"{o}:{name}", f"zoo {name}")
-        orig = copies["kohya"]
+        d.mkdir(parents=True)
+        o, src = f"zoo{z}", ZOO / row["file"]
+        orig = _copy(src, d / src.name)
+        made[orig] = Truth(o, o, "", "", "zoo original")
+        cp = _copy(src, d / f"copy-{src.name}")
+        made[cp] = Truth(o, o, "", "", "zoo copy")
+        if orig.is_file():
+            he = resave_with_metadata(orig, d / "header_edit.safetensors", {"ss_output_name": "edited"})
+            made[he] = Truth(o, o, "", "", "zoo header edit")
         ld = load_lora(orig)
-        cp = Path(shutil.copy(orig, d / "copy.safetensors"))
-        made[cp] = Truth(o, o, f"{o}:kohya", f"{o}:kohya", "zoo copy")
-        he = resave_with_metadata(orig, d / "header_edit.safetensors", {"ss_output_name": "edited"})
-        made[he] = Truth(o, o, f"{o}:kohya", f"{o}:he", "zoo header edit")
-        for name, new in (("rank2", dv.rank_resize(ld, 2)), ("no-attn2", dv.subset(ld, lambda m: "attn2" not in m))):
-            p = dv.write_kohya(new, d / f"{name}.safetensors")
-            made[p] = Truth(o, f"{o}:{name}", f"{o}:{name}", f"{o}:{name}", f"zoo {name}")
-        tr = dv.continue_training(copies["peft"], d / "train25", steps=steps // 4, data_seed=seed)
-        made[tr] = Truth(o, f"{o}:train", f"{o}:train", f"{o}:train", "zoo train+25%")
-        ss = d / "same_seed_other_data"
-        _same_seed_lora(seed, seed + 10_000, steps).save_pretrained(str(ss))
-        made[ss] = Truth(f"{o}:ss", f"{o}:ss", f"{o}:ss", f"{o}:ss", "zoo same seed")
+        if not any(isinstance(m, Kronecker) for m in ld.modules.values()):
+            for name, new in (("format", ld), ("scale0.5", dv.scaled(ld, 0.5)), ("reparam", dv.reparameterised(ld, rng))):
+                p = dv.write_kohya(new, d / f"{name}.safetensors")
+                made[p] = Truth(o, o, "", "", f"zoo {name}")
+            for name, new in (("rank/2", dv.rank_resize(ld, max(1, max(ld.ranks()) // 2))),
+                              ("no-attn2", dv.subset(ld, lambda m: "attn2" not in m))):
+                p = dv.write_kohya(new, d / f"{name.replace('/', '')}.safetensors")
+                made[p] = Truth(o, f"{o}:{name}", "", "", f"zoo {name}")
+        suffix = "" if src.is_dir() else src.suffix
+        tr = d / f"train25{suffix}"
+        continue_training(row, src, max(1, round(0.25 * int(row["steps"]))), ZOO, out=tr)
+        made[tr] = Truth(o, f"{o}:train", "", "", "zoo train+25%")
+    if paper:
+        for r in paper_rows:
+            src = ZOO / r["file"]
+            p = _copy(src, out / "paper" / src.name)
+            made[p] = Truth(f"paper:{src.name}", f"paper:{src.name}", "", "", "zoo paper same seed")
     return made
 
 
@@ -287,11 +313,11 @@ def kind_recall(res: Any, truth: dict[Path, Truth]) -> list[list[Any]]:
     pos = {Path(it.path): i for i, it in enumerate(res.items)}
     sources: dict[str, list[Path]] = {}
     for p, t in truth.items():
-        if t.kind in ("real", "zoo kohya"):
+        if t.kind in ("real", "zoo original"):
             sources.setdefault(t.origin, []).append(p)
     rows: dict[str, list[int]] = {}
     for p, t in truth.items():
-        if t.kind in ("real", "zoo kohya") or p not in pos:
+        if t.kind in ("real", "zoo original") or p not in pos:
             continue
         for s in sources.get(t.origin, []):
             want = t.tier_with(truth[s])
@@ -431,10 +457,10 @@ def sd15_template() -> tuple[Path, LoraDelta]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--zoo", type=int, default=8, help="tiny trained LoRAs (each with its copies and derivatives)")
+    ap.add_argument("--zoo", type=int, default=10, help="mixed LoRAs of data/zoo (each with its copies and derivatives)")
     ap.add_argument("--real", type=int, default=None, help="SD real files given derivatives (default: all)")
     ap.add_argument("--files", type=int, default=10_000, help="files of each timing mix")
-    ap.add_argument("--repeats", type=int, default=3, help="timing repeats of the tiny mixes")
+    ap.add_argument("--repeats", type=int, default=3, help="timing repeats of the zoo-size mixes")
     ap.add_argument("--big-repeats", type=int, default=1, help="timing repeats of the sd15 mixes")
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     ap.add_argument("--seed", type=int, default=0)
@@ -481,19 +507,43 @@ def measure(tmp: Path, args: argparse.Namespace) -> str:
     seeds = same_seed_pairs(lds, inv)
     pos = {Path(it.path): i for i, it in enumerate(res.items)}
     seed_grouped = [(a, b, c) for a, b, c in seeds if res.pair_tier(pos[a], pos[b]) is not None]
-    zoo_ss = [p for p, tt in truth.items() if tt.kind == "zoo same seed"]
+    zoo_ss = [p for p, tt in truth.items() if tt.kind == "zoo paper same seed"]
     zoo_ss_grouped = sum(1 for p in zoo_ss for q in truth if q != p and p in pos and q in pos
                          and res.pair_tier(pos[p], pos[q]) is not None)
     kinds = kind_recall(res, truth)
     for line in mismatches(res, truth):
         print(line)
-    if args.no_timing:
-        return "\n".join(["", *[" | ".join(map(str, r)) for r in kinds], str(per), str(conf)])
+    # the same run with --db: an index of the zoo folder, whose calibration (lineage from the
+    # folders it was indexed from) knows how close the zoo's unrelated LoRAs come
+    from indexer import run_index
+    from lorasearch.store import Store
 
-    tiny = load_lora(next(p for p, tt in truth.items() if tt.kind == "zoo kohya"))
+    run_index([str(ZOO / "loras")], tmp / "zoo-db", workers=1, progress=False)
+    zstore = Store(tmp / "zoo-db")
+    try:
+        t = time.perf_counter()
+        res_db = dedupe([str(SHARED_LORAS), str(tmp / "derived"), str(tmp / "zoo")], store=zstore)
+        t_db = time.perf_counter() - t
+    finally:
+        zstore.close()
+    _, per_db = score(res_db, truth)
+    pos_db = {Path(it.path): i for i, it in enumerate(res_db.items)}
+    zoo_ss_db = sum(1 for p in zoo_ss for q in truth if q != p and p in pos_db and q in pos_db
+                    and res_db.pair_tier(pos_db[p], pos_db[q]) is not None)
+    db_line = (f"With `--db` (an index of `data/zoo/loras`, built in the run): lineage precision "
+               f"{per_db['lineage'][0] / max(per_db['lineage'][1], 1):.4f}, recall "
+               f"{per_db['lineage'][0] / max(per_db['lineage'][2], 1):.4f}; {zoo_ss_db} groupings of the zoo "
+               f"paper-setting LoRAs; {t_db:.1f} s.")
+    print(db_line)
+    if args.no_timing:
+        return "\n".join(["", *[" | ".join(map(str, r)) for r in kinds], str(per), str(conf),
+                          f"real same-seed pairs grouped: {len(seed_grouped)} of {len(seeds)};"
+                          f" zoo paper-setting groupings: {zoo_ss_grouped} ({len(zoo_ss)} files)", db_line])
+
+    tiny = load_lora(ZOO / next(r["file"] for r in zoo_rows(10**6)[0] if r["format"] == "kohya"))
     sd15_path, sd15 = sd15_template()
     both = (HASH_THREADS, 1)
-    plan = [Mix("tiny", tiny, 100, False, both, args.repeats), Mix("tiny", tiny, 20, False, both, args.repeats),
+    plan = [Mix("zoo", tiny, 100, False, both, args.repeats), Mix("zoo", tiny, 20, False, both, args.repeats),
             Mix("sd15", sd15, 100, True, (HASH_THREADS,), args.big_repeats),
             Mix("sd15", sd15, 20, True, (HASH_THREADS,), args.big_repeats)]
     mixes = []
@@ -558,9 +608,9 @@ Per derivative kind, pairs with their source at the expected tier:
 
 {md_table(["kind (expected tier)", "grouped right", "share"], kinds)}
 
-Same-seed files: {len(seed_grouped)} of {len(seeds)} real shared-seed pairs (different repositories, raw A-factor cosine {min((c for _, _, c in seeds), default=float('nan')):.4f}–{max((c for _, _, c in seeds), default=float('nan')):.4f}) grouped; {zoo_ss_grouped} groupings of the {len(zoo_ss)} zoo same-seed LoRAs (same init seed as a zoo LoRA, other data) with any other file.
+Same-seed files: {len(seed_grouped)} of {len(seeds)} real shared-seed pairs (different repositories, raw A-factor cosine {min((c for _, _, c in seeds), default=float('nan')):.4f}–{max((c for _, _, c in seeds), default=float('nan')):.4f}) grouped; {zoo_ss_grouped} groupings of the {len(zoo_ss)} zoo paper-setting LoRAs (one seed and sampling stream for all; two per style with other training images; exact ΔW cosine up to 0.85) with any other file, without a store: the collection's own null holds no lineage, so pairs above 0.3 that are not in a crowd of look-alikes are left out of it as possible relatives. {db_line}
 
-Cost on {args.files} files against sha256 of the same files (dedupe's hashing threads: {HASH_THREADS} = its default, and 1 for the tiny mixes; median of the repeats; load: the 1-minute load average during the mix, on a 2-core machine shared with other jobs):
+Cost on {args.files} files against sha256 of the same files (dedupe's hashing threads: {HASH_THREADS} = its default, and 1 for the zoo mixes; median of the repeats; load: the 1-minute load average during the mix, on a 2-core machine shared with other jobs):
 
 {md_table(["layout", "MB per file", "files", "distinct inodes", "distinct GB", "distinct LoRAs", "files read + embedded", "hash threads", "repeats", "load", "sha256 s", "dedupe s", "dedupe / sha256", "target ≤ 2"], mix_rows)}
 
@@ -568,7 +618,7 @@ Where the time goes (seconds, default threads, last run; AutoV3 is 0 since it co
 
 {md_table(["layout", "files", "read", "sha256 baseline", "hash", "AutoV3", "read + embed", "update", "lineage", "total"], stage_rows)}
 
-Reading: every file costs one sha256 pass (the hashing stage, with the folder walk, against the baseline: {big10['stages']['hash']:.2f} s vs {big10['sha']:.2f} s on sd15, {tiny10['stages']['hash']:.2f} s vs {tiny10['sha']:.2f} s on tiny). The pass hashes each file as two parts, header and the rest (whose hash is AutoV3), so the tensors tier needs no second pass over the data; only one file per tensors group is then read and embedded. One read costs ≈ {per_read(big10):.1f} ms for an sd15 file ({per_read(big10) / per_sha(big10):.0f} sha256s of it, ≈ {per_sha(big10):.2f} ms each) and ≈ {per_read(tiny10):.1f} ms for a tiny file ({per_read(tiny10) / per_sha(tiny10):.0f} sha256s of ≈ {per_sha(tiny10):.2f} ms), so the ratio follows the share of files with distinct tensors and the file size: sd15 (real LoRA size) ≈ {ratio(big1):.2f} at 1 % and ≈ {ratio(big10):.2f} at 10 %; tiny ≈ {ratio(tiny1):.2f} at 1 % and ≈ {ratio(tiny10):.2f} at 10 % (a tiny file's read is mostly per-module Python work that does not shrink with the bytes). The read stage runs in one thread: parsing and decoding hold the GIL (a 2-thread pool measured no faster on this machine), and a forked process pool hung in processes that had loaded torch. Wall times on this shared machine vary by ±30 % between runs; the ratio is taken from runs made back to back.
+Reading: every file costs one sha256 pass (the hashing stage, with the folder walk, against the baseline: {big10['stages']['hash']:.2f} s vs {big10['sha']:.2f} s on sd15, {tiny10['stages']['hash']:.2f} s vs {tiny10['sha']:.2f} s on zoo). The pass hashes each file as two parts, header and the rest (whose hash is AutoV3), so the tensors tier needs no second pass over the data; only one file per tensors group is then read and embedded. One read costs ≈ {per_read(big10):.1f} ms for an sd15 file ({per_read(big10) / per_sha(big10):.0f} sha256s of it, ≈ {per_sha(big10):.2f} ms each) and ≈ {per_read(tiny10):.1f} ms for a zoo file ({per_read(tiny10) / per_sha(tiny10):.0f} sha256s of ≈ {per_sha(tiny10):.2f} ms), so the ratio follows the share of files with distinct tensors and the file size: sd15 (real LoRA size) ≈ {ratio(big1):.2f} at 1 % and ≈ {ratio(big10):.2f} at 10 %; zoo-size ≈ {ratio(tiny1):.2f} at 1 % and ≈ {ratio(tiny10):.2f} at 10 % (a small file's read is mostly per-module Python work that does not shrink with the bytes). The read stage runs in one thread: parsing and decoding hold the GIL (a 2-thread pool measured no faster on this machine), and a forked process pool hung in processes that had loaded torch. Wall times on this shared machine vary by ±30 % between runs; the ratio is taken from runs made back to back.
 """
     return body
 

@@ -346,7 +346,7 @@ def attribute(
     db: Path = typer.Option(..., "--db", help="Store directory."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model of a full checkpoint: local file/diffusers folder or hub id (default: the hub model card's base_model)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable JSON."),
-    max_fpr: float = typer.Option(1e-4, "--max-fpr", min=0.0, max=1.0, help="A component counts when its calibrated false-positive rate is at most this."),
+    max_fpr: float = typer.Option(2e-4, "--max-fpr", min=0.0, max=1.0, help="A component counts when its calibrated false-positive rate is at most this."),
     min_cosine: float = typer.Option(0.1, "--min-cosine", min=0.0, max=1.0, help="... and its (partial) cosine with the target is at least this."),
     max_components: int = typer.Option(6, "--max-components", min=1, max=64, help="Most components of a merge."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hugging Face Hub endpoint (default: $HF_ENDPOINT or the public hub)."),

@@ -40,7 +40,7 @@ import hashlib
 import json
 import os
 import struct
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -545,18 +545,47 @@ def knn_pairs(vectors: np.ndarray, k: int = NEIGHBOURS, min_cosine: float = CAND
 # --------------------------------------------------------------------------- lineage
 
 
+CROWD_NEIGHBOURS = 12
+# Grouping files says they are one LoRA's lineage, on weights alone and often without an index
+# whose lineage metadata cleans the null: dedupe asks for half attribute's default fpr.
+LINEAGE_MAX_FPR = 1e-4
+
+
+def lineage_thresholds() -> Any:
+    """The attribution thresholds dedupe's lineage verdicts use (``LINEAGE_MAX_FPR``)."""
+    from lorasearch.attribution.engine import Thresholds
+
+    return Thresholds(max_fpr=LINEAGE_MAX_FPR)
+
+
 def collection_calibration(family: str, lds: Sequence[LoraDelta], related: np.ndarray | None = None) -> Any:
     """The null of unrelated pairs within the collection (``attribution.calibration``), without a store.
 
-    Pairs with |cosine| above ``LINEAGE_COSINE`` (and those marked ``related``) are left out.
+    A collection has no repository lineage, so a pair above ``LINEAGE_COSINE`` may be one
+    lineage (checkpoints of one run, a resize, a subset) and is left out, unless both files
+    are in a crowd: more than ``CROWD_NEIGHBOURS`` files above that cosine each. A lineage
+    is a handful of files; a crowd is a population of look-alike LoRAs (one tiny base, one
+    seed and sampling stream: the zoo's paper setting reaches 0.85 between unrelated
+    LoRAs), whose pairs the null must hold to know how high unrelated pairs reach. Pairs
+    above ``NULL_MAX_COSINE`` (copies of one update) and those marked ``related`` are left out.
     """
-    from lorasearch.attribution.calibration import LINEAGE_COSINE, Calibration, family_gram, null_from_gram
+    from lorasearch.attribution.calibration import (
+        LINEAGE_COSINE,
+        NULL_MAX_COSINE,
+        Calibration,
+        family_gram,
+        null_from_gram,
+    )
 
     n = len(lds)
     if n < 2:
         return Calibration(family, 0, np.zeros(0), np.zeros(0), n, n)
     g, cos = family_gram(list(lds))
-    rel = np.abs(np.nan_to_num(cos)) > LINEAGE_COSINE
+    a = np.abs(np.nan_to_num(cos))
+    np.fill_diagonal(a, -1.0)
+    above = a > LINEAGE_COSINE
+    crowd = above.sum(axis=1) > CROWD_NEIGHBOURS
+    rel = (a > NULL_MAX_COSINE) | (above & ~(crowd[:, None] & crowd[None, :]))
     if related is not None:
         rel |= related
     np.fill_diagonal(rel, True)
@@ -573,10 +602,10 @@ def lineage_verdict(target: LoraDelta, cands: Sequence[LoraDelta], cal: Any, th:
         ``{"verdict": none|derived|merged, "chosen": [candidate index], "explained",
         "links": [{"cosine", "fpr", "coefficient", "shared_modules", "explained"}]}`` (one per chosen).
     """
-    from lorasearch.attribution.engine import Target, Thresholds, decide, exact_stats
+    from lorasearch.attribution.engine import Target, decide, exact_stats
     from lorasearch.frobenius import module_sq_norms
 
-    th = th or Thresholds()
+    th = th or lineage_thresholds()
     t = Target.from_lora(target, str(target.source.get("path") or "target"))
     stats = exact_stats(t, list(range(len(cands))), list(cands))
     norms2 = np.array([sum(module_sq_norms(c).values()) for c in cands])
@@ -600,9 +629,8 @@ def one_lineage(lds: Sequence[LoraDelta], cal: Any, th: Any = None) -> bool:
     of unrelated LoRAs.
     """
     from lorasearch.attribution.calibration import family_gram
-    from lorasearch.attribution.engine import Thresholds
 
-    th = th or Thresholds()
+    th = th or lineage_thresholds()
     _, cos = family_gram(list(lds))
     n = len(lds)
     uf = UnionFind(n)
@@ -908,10 +936,9 @@ def _lineage(nodes: list[Node], update_clusters: dict[int, list[int]], cache: Lo
             cands_of.setdefault(b, []).append(a)
     cals: dict[str, Any] = {}
     done = 0
-    from lorasearch.attribution.engine import Thresholds
     from lorasearch.frobenius import compare
 
-    min_cos = Thresholds().min_cosine
+    min_cos = lineage_thresholds().min_cosine
     for t, cs in sorted(cands_of.items()):
         fam = nodes[t].family
         done += 1
@@ -951,8 +978,13 @@ def _calibration(family: str, ids: list[int], cache: LoraCache, store: Any) -> A
     """The store's calibration for its families, else the collection's own null (a seeded sample)."""
     from lorasearch.attribution.calibration import MAX_LORAS, get_calibration
 
-    if store is not None and family in store.families():
-        return get_calibration(store, family)
+    if store is not None:
+        # ``family`` is a comparison bucket; the store calibrates the real families it holds
+        indexed = set(store.families())
+        real = Counter(str(cache.get(i).metadata.get("family", family)) for i in ids)
+        found = [f for f, _ in real.most_common() if f in indexed]
+        if found:
+            return get_calibration(store, found[0])
     rng = np.random.default_rng(int.from_bytes(hashlib.sha256(family.encode()).digest()[:8], "little"))
     sample = sorted(rng.choice(ids, size=min(len(ids), MAX_LORAS), replace=False).tolist())
     return collection_calibration(family, [cache.get(i) for i in sample])

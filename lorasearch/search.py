@@ -21,7 +21,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -405,38 +405,50 @@ def _result(row: dict[str, Any], scored: dict[str, Any], candidate_score: float)
     return out
 
 
-def _table_fits(ld: LoraDelta, family: str) -> bool:
-    """Whether every additive module of ``ld`` is in ``family``'s table with a fitting shape."""
+def _table_fits(shapes: Mapping[str, tuple[int, ...]], family: str) -> bool:
+    """Whether every additive module (canonical name -> matrix shape) is in ``family``'s table with a fitting shape."""
     try:
         table = load_table(family)
     except KeyError:
         return False
-    mods = ld.weight_modules()
-    if not mods:
+    if not shapes:
         return False
-    for name, d in mods.items():
+    for name, shape in shapes.items():
         base = name[: -len(BIAS_SUFFIX)] if name.endswith(BIAS_SUFFIX) else name
         entry = table.get(base)
-        if entry is None or not shape_fits(tuple(int(x) for x in d.matrix_shape), name.endswith(BIAS_SUFFIX), *entry):
+        if entry is None or not shape_fits(tuple(int(x) for x in shape), name.endswith(BIAS_SUFFIX), *entry):
             return False
     return True
 
 
-def families_to_search(store: Store, ld: LoraDelta) -> list[str]:
-    """The query's own family, then every other indexed family whose module table holds all its modules.
+def families_for(store: Store, family: str, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """``family`` when indexed, then every other indexed known family whose module table holds all ``shapes``.
 
     Families whose tables share names and shapes cannot be told apart by a subset of
     modules (an SD2 LoRA without its cross-attention k/v fits SD1.5 too), so such a
     query looks in each of them.
+
+    Args:
+        store: an open store.
+        family: the query's family.
+        shapes: its additive modules, canonical name -> matrix shape.
+
+    Returns:
+        family names, the query's own first.
     """
     indexed = set(store.families())
-    out = [ld.family] if ld.family in indexed else []
-    if ld.family not in known_families():
+    out = [family] if family in indexed else []
+    if family not in known_families():
         return out
     for f in known_families():
-        if f != ld.family and f in indexed and _table_fits(ld, f):
+        if f != family and f in indexed and _table_fits(shapes, f):
             out.append(f)
     return out
+
+
+def families_to_search(store: Store, ld: LoraDelta) -> list[str]:
+    """``families_for`` of a LoRA's family and additive modules."""
+    return families_for(store, ld.family, {n: tuple(d.matrix_shape) for n, d in ld.weight_modules().items()})
 
 
 def query(store: Store, ld: LoraDelta, view: str = VIEW_DELTA, k: int = 10, groups: Iterable[str] | None = None,

@@ -165,3 +165,13 @@ def test_calibration_refreshes_on_index_updates(shared_loras: Path, tmp_path: Pa
     second = cal.get_calibration(store, "sd15")
     assert calls == ["sd15", "sd15"] and second.generation > first.generation and second.n_loras == 6
     store.close()
+
+
+def test_tail_fpr_keeps_a_cluster_of_look_alike_unrelated_pairs() -> None:
+    # most unrelated pairs near 0, some alike (one style, one seed) up to 0.85: those stay
+    # insignificant, while a score above the whole null (a further-trained copy) is not
+    rng = np.random.default_rng(6)
+    null = np.sort(np.concatenate([np.abs(rng.normal(0, 0.05, 9000)), rng.uniform(0.3, 0.85, 700)]))
+    assert cal.tail_fpr(null, 0.68) > 1e-3
+    assert cal.tail_fpr(null, 0.85) > 1e-4
+    assert cal.tail_fpr(null, 0.95) < 1e-4

@@ -11,9 +11,13 @@ Gram matrix, ``mixture.module_gram``). Pairs that may be related are left out:
   not a lineage. Repository-level lineage is deliberately coarse: files of one
   repo are usually checkpoints, variants or re-exports of each other, and a
   pair wrongly left out only makes the null a little smaller;
-- **content**: |exact cosine| > ``LINEAGE_COSINE`` (0.3) — far above any
-  unrelated pair measured (≤ 0.06 over every real family here), so such a pair
-  shares an update whatever its metadata says (a re-upload elsewhere, a merge).
+- **same update**: |exact cosine| > ``NULL_MAX_COSINE`` (0.9): a copy of one
+  update whatever its metadata says (a re-upload elsewhere, a conversion, a
+  cast: ≥ 0.99). Pairs below it stay in the null even when they look alike:
+  LoRAs of one style trained from one base (zoo: up to 0.68) or with one seed
+  and sampling stream (zoo paper setting: up to 0.85) are unrelated, and the
+  null must know how high such pairs reach. (An earlier cut at 0.3 left them
+  out, so the tail fitted below 0.3 called them significant.)
 
 Two nulls are kept: ``cosine`` (|cosine| of unrelated pairs: the score of a
 single-source match) and ``partial`` (the partial cosine of an unrelated LoRA
@@ -21,15 +25,16 @@ entering a two-term mixture next to another unrelated one: the score of a
 merge component), from random unrelated triples.
 
 ``fpr(score)`` is the fraction of the null at or above the score inside the
-bulk; above the threshold that the top ``TAIL_FRACTION`` (10 %, at least
-``EMPIRICAL_MIN`` = 10) of the null exceeds, an exponential tail fitted to those
-top scores (peaks over threshold, maximum-likelihood scale), never below the
-empirical fraction, so scores beyond every null value still get a rate below
-``1/n``. An exponential tail is
-heavier than the Gaussian-like bulk, so the extrapolation errs towards larger
-false-positive rates. A family with fewer than ``MIN_NULL`` unrelated pairs
-uses the prior tail ``exp(−s / PRIOR_SCALE)`` instead (fpr 1e-4 at |cos| ≈
-0.23), again never below its own empirical fraction.
+bulk; above the threshold that the top ``m = max(EMPIRICAL_MIN, ⌈√n⌉)`` null
+scores exceed (the usual peaks-over-threshold choice: ~1 % of 10,000 pairs), an
+exponential tail fitted to those top scores (maximum-likelihood scale) in
+Fisher's z = atanh(|cos|), never below the empirical fraction, so scores beyond
+every null value still get a rate below ``1/n``. In z the bounded cosine's tail
+near 1 is stretched out, so a score above the whole null (0.93 against a null
+reaching 0.85) is not drowned by the bulk's decay; near 0, z ≈ cos. A family
+with fewer than ``MIN_NULL`` unrelated pairs uses the prior tail
+``exp(−s / PRIOR_SCALE)`` instead (fpr 1e-4 at |cos| ≈ 0.23), again never below
+its own empirical fraction.
 
 The result is cached in memory and in ``DIR/calibration/<family>.json``, keyed
 by the family's index generation (bumped by every add or delete in the
@@ -52,14 +57,15 @@ import numpy as np
 from lorasearch.attribution.mixture import module_gram
 from lorasearch.delta import LoraDelta, NeedsBase
 
-CALIBRATION_VERSION = 1
-MAX_LORAS = 120
+CALIBRATION_VERSION = 2
+MAX_LORAS = 200
 MAX_TRIPLES = 20_000
-LINEAGE_COSINE = 0.3
+NULL_MAX_COSINE = 0.9
+LINEAGE_COSINE = 0.3  # two real files of one repository above this are one lineage (benchmarks, dedupe)
 MIN_NULL = 50
 EMPIRICAL_MIN = 10
-TAIL_FRACTION = 0.1
 PRIOR_SCALE = 0.025
+_Z_MAX = 1.0 - 1e-12
 _RUN_DIR = re.compile(r"^(checkpoint|ckpt|step|steps|epoch|global[_-]?step|iter|iteration)s?[-_]?\d+$", re.I)
 
 
@@ -84,10 +90,10 @@ def tail_fpr(null: np.ndarray, score: float) -> float:
 
     Returns:
         the empirical fraction at or above the score within the bulk (up to the
-        threshold ``u`` that the top ``max(EMPIRICAL_MIN, TAIL_FRACTION·n)`` null scores
-        exceed), beyond it the exponential tail fitted to those top scores (never below
-        the empirical fraction; continuous at ``u`` and decreasing); the prior when the
-        null is smaller than ``MIN_NULL``.
+        threshold ``u`` that the top ``max(EMPIRICAL_MIN, ⌈√n⌉)`` null scores
+        exceed), beyond it the exponential tail fitted to those top scores in
+        z = atanh(score) (never below the empirical fraction; continuous at ``u``
+        and decreasing); the prior when the null is smaller than ``MIN_NULL``.
     """
     s = abs(float(score))
     n = int(null.size)
@@ -95,12 +101,14 @@ def tail_fpr(null: np.ndarray, score: float) -> float:
     emp = k / n if n else 0.0
     if n < MIN_NULL:
         return max(prior_fpr(s), emp)
-    m = min(n, max(EMPIRICAL_MIN, int(math.ceil(TAIL_FRACTION * n))))
-    u = float(null[n - m])
-    if s <= u:
+    m = min(n, max(EMPIRICAL_MIN, int(math.ceil(math.sqrt(n)))))
+    if s <= float(null[n - m]):
         return emp
-    beta = max(float((null[n - m:] - u).mean()), 1e-12)
-    return float(max((m / n) * math.exp(-(s - u) / beta), emp))
+    top = np.arctanh(np.minimum(null[n - m:], _Z_MAX))
+    u = float(top[0])
+    beta = max(float((top - u).mean()), 1e-12)
+    z = math.atanh(min(s, _Z_MAX))
+    return float(max((m / n) * math.exp(-(z - u) / beta), emp))
 
 
 # --------------------------------------------------------------------------- lineage
@@ -162,7 +170,7 @@ class Calibration:
         n_loras: LoRAs sampled.
         n_family: LoRAs of the family in the store.
         excluded_lineage: pairs left out for shared lineage.
-        excluded_cosine: pairs left out for |cosine| > LINEAGE_COSINE.
+        excluded_cosine: pairs left out for |cosine| > NULL_MAX_COSINE.
         exact: scores from the stored files (False: from sketches, noisier, so larger fpr).
     """
 
@@ -422,7 +430,7 @@ def compute_calibration(store: Any, family: str, generation: int, cache: Any = N
             if lin[sample[i]] & lin[sample[j]]:
                 related[i, j] = related[j, i] = True
                 ex_lin += 1
-            elif np.isfinite(cos[i, j]) and abs(cos[i, j]) > LINEAGE_COSINE:
+            elif np.isfinite(cos[i, j]) and abs(cos[i, j]) > NULL_MAX_COSINE:
                 related[i, j] = related[j, i] = True
                 ex_cos += 1
     cos_null, part_null = null_from_gram(g, cos, related, rng)
