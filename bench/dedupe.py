@@ -308,6 +308,14 @@ def score(res: Any, truth: dict[Path, Truth]) -> tuple[dict[tuple[str, str], int
     return conf, per
 
 
+def _grouped_pairs(res: Any, files: list[Path], truth: dict[Path, Truth]) -> int:
+    """Unordered pairs of files grouped at any tier where one of them is in ``files`` (all unrelated)."""
+    pos = {Path(it.path): i for i, it in enumerate(res.items)}
+    pairs = {frozenset((p, q)) for p in files for q in truth
+             if q != p and p in pos and q in pos and res.pair_tier(pos[p], pos[q]) is not None}
+    return len(pairs)
+
+
 def kind_recall(res: Any, truth: dict[Path, Truth]) -> list[list[Any]]:
     """Per derivative kind: pairs with its source grouped at the expected tier."""
     pos = {Path(it.path): i for i, it in enumerate(res.items)}
@@ -508,8 +516,7 @@ def measure(tmp: Path, args: argparse.Namespace) -> str:
     pos = {Path(it.path): i for i, it in enumerate(res.items)}
     seed_grouped = [(a, b, c) for a, b, c in seeds if res.pair_tier(pos[a], pos[b]) is not None]
     zoo_ss = [p for p, tt in truth.items() if tt.kind == "zoo paper same seed"]
-    zoo_ss_grouped = sum(1 for p in zoo_ss for q in truth if q != p and p in pos and q in pos
-                         and res.pair_tier(pos[p], pos[q]) is not None)
+    zoo_ss_grouped = _grouped_pairs(res, zoo_ss, truth)
     kinds = kind_recall(res, truth)
     for line in mismatches(res, truth):
         print(line)
@@ -528,17 +535,16 @@ def measure(tmp: Path, args: argparse.Namespace) -> str:
         zstore.close()
     _, per_db = score(res_db, truth)
     pos_db = {Path(it.path): i for i, it in enumerate(res_db.items)}
-    zoo_ss_db = sum(1 for p in zoo_ss for q in truth if q != p and p in pos_db and q in pos_db
-                    and res_db.pair_tier(pos_db[p], pos_db[q]) is not None)
+    zoo_ss_db = _grouped_pairs(res_db, zoo_ss, truth)
     db_line = (f"With `--db` (an index of `data/zoo/loras`, built in the run): lineage precision "
                f"{per_db['lineage'][0] / max(per_db['lineage'][1], 1):.4f}, recall "
-               f"{per_db['lineage'][0] / max(per_db['lineage'][2], 1):.4f}; {zoo_ss_db} groupings of the zoo "
-               f"paper-setting LoRAs; {t_db:.1f} s.")
+               f"{per_db['lineage'][0] / max(per_db['lineage'][2], 1):.4f}; {zoo_ss_db} pairs with a zoo "
+               f"paper-setting LoRA grouped; {t_db:.1f} s.")
     print(db_line)
     if args.no_timing:
         return "\n".join(["", *[" | ".join(map(str, r)) for r in kinds], str(per), str(conf),
                           f"real same-seed pairs grouped: {len(seed_grouped)} of {len(seeds)};"
-                          f" zoo paper-setting groupings: {zoo_ss_grouped} ({len(zoo_ss)} files)", db_line])
+                          f" pairs with a zoo paper-setting LoRA grouped: {zoo_ss_grouped} ({len(zoo_ss)} files)", db_line])
 
     tiny = load_lora(ZOO / next(r["file"] for r in zoo_rows(10**6)[0] if r["format"] == "kohya"))
     sd15_path, sd15 = sd15_template()
@@ -608,7 +614,7 @@ Per derivative kind, pairs with their source at the expected tier:
 
 {md_table(["kind (expected tier)", "grouped right", "share"], kinds)}
 
-Same-seed files: {len(seed_grouped)} of {len(seeds)} real shared-seed pairs (different repositories, raw A-factor cosine {min((c for _, _, c in seeds), default=float('nan')):.4f}–{max((c for _, _, c in seeds), default=float('nan')):.4f}) grouped; {zoo_ss_grouped} groupings of the {len(zoo_ss)} zoo paper-setting LoRAs (one seed and sampling stream for all; two per style with other training images; exact ΔW cosine up to 0.85) with any other file, without a store: the collection's own null holds no lineage, so pairs above 0.3 that are not in a crowd of look-alikes are left out of it as possible relatives. {db_line}
+Same-seed files: {len(seed_grouped)} of {len(seeds)} real shared-seed pairs (different repositories, raw A-factor cosine {min((c for _, _, c in seeds), default=float('nan')):.4f}–{max((c for _, _, c in seeds), default=float('nan')):.4f}) grouped; {zoo_ss_grouped} pairs grouped that hold one of the {len(zoo_ss)} zoo paper-setting LoRAs (one seed and sampling stream for all; two per style with other training images; exact ΔW cosine up to 0.85), without a store: the collection's own null holds no lineage, so pairs above 0.3 that are not in a crowd of look-alikes are left out of it as possible relatives. {db_line}
 
 Cost on {args.files} files against sha256 of the same files (dedupe's hashing threads: {HASH_THREADS} = its default, and 1 for the zoo mixes; median of the repeats; load: the 1-minute load average during the mix, on a 2-core machine shared with other jobs):
 

@@ -263,3 +263,42 @@ def test_content_prekey_and_key() -> None:
     c = LoraDelta("sd15", "kohya", {**mods, "m1": Factored(up, mods["m1"].down, 0.5, (6, 5))})
     assert content_prekey(a) == content_prekey(b) and content_key(a) == content_key(b)
     assert content_prekey(a) == content_prekey(c) and content_key(a) != content_key(c)
+
+
+def test_collection_null_keeps_a_crowd_of_look_alikes_and_leaves_out_a_lineage() -> None:
+    import numpy as np
+
+    from lorasearch.dedupe import CROWD_NEIGHBOURS, collection_calibration
+    from lorasearch.delta import Dense, LoraDelta
+
+    rng = np.random.default_rng(0)
+    shared = rng.standard_normal((16, 16))
+    crowd = [shared + 0.9 * rng.standard_normal((16, 16)) for _ in range(CROWD_NEIGHBOURS + 6)]  # pairwise cos ~0.55
+    base = rng.standard_normal((16, 16))
+    lineage = [base + 0.5 * rng.standard_normal((16, 16)) for _ in range(3)]  # pairwise cos ~0.8, no crowd
+    loose = [rng.standard_normal((16, 16)) for _ in range(40)]
+    lds = [LoraDelta("unknown:x", "synthetic", {"m": Dense(w)}) for w in crowd + lineage + loose]
+    cal = collection_calibration("unknown", lds)
+    assert cal.excluded_cosine == 3  # the lineage's three pairs; the crowd's pairs stay in the null
+    assert cal.cosine.max() > 0.4 and cal.fpr(0.6) > 1e-2
+
+
+def test_store_calibrates_the_real_family_of_a_bucket(collection: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import lorasearch.attribution.calibration as cal
+    from indexer import run_index
+    from lorasearch.store import Store
+
+    run_index([str(collection / "w")], tmp_path / "db", workers=1, progress=False)
+    seen: list[str] = []
+    real = cal.get_calibration
+    monkeypatch.setattr(cal, "get_calibration", lambda st, fam, *a, **k: seen.append(fam) or real(st, fam, *a, **k))
+    store = Store(tmp_path / "db")
+    try:
+        res = dedupe([str(collection)], store=store)
+        assert seen and set(seen) <= set(store.families())  # the store's null, not the bucket name
+    finally:
+        store.close()
+    orig = _index(res, collection / ORIG)
+    assert res.pair_tier(orig, _index(res, collection / "rank2.safetensors")) == "lineage"
+    assert res.pair_tier(orig, _index(res, collection / "unrelated")) is None
