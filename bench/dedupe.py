@@ -534,7 +534,6 @@ def measure(tmp: Path, args: argparse.Namespace) -> str:
     finally:
         zstore.close()
     _, per_db = score(res_db, truth)
-    pos_db = {Path(it.path): i for i, it in enumerate(res_db.items)}
     zoo_ss_db = _grouped_pairs(res_db, zoo_ss, truth)
     db_line = (f"With `--db` (an index of `data/zoo/loras`, built in the run): lineage precision "
                f"{per_db['lineage'][0] / max(per_db['lineage'][1], 1):.4f}, recall "
