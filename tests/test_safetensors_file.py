@@ -180,3 +180,28 @@ def test_f64_beyond_float32_is_refused(tmp_path: Path) -> None:
         with pytest.raises(BadInput, match="beyond the float32 range") as info:
             st.get("x")
         assert info.value.code == "non_finite"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("poisoned", [False, True])
+def test_one_half_type_file_is_widened_at_once_or_tensor_by_tensor(tmp_path: Path, dtype: torch.dtype,
+                                                                   poisoned: bool) -> None:
+    """A file of one 16-bit type gives torch's values for every tensor (0-d and empty ones too);
+    a NaN in one tensor is still reported for that tensor only."""
+    g = torch.Generator().manual_seed(3)
+    tensors = {f"m{i}.w": torch.randn(3 + i, 5, generator=g).to(dtype) for i in range(6)}
+    tensors.update({"alpha": torch.tensor(4.0, dtype=dtype), "empty": torch.zeros(0, 3, dtype=dtype)})
+    if poisoned:
+        tensors["m2.w"][1, 1] = float("nan")
+    p = tmp_path / "half.safetensors"
+    save_file(tensors, str(p))
+    with SafetensorsFile(p) as st:
+        for k, t in tensors.items():
+            if poisoned and k == "m2.w":
+                with pytest.raises(BadInput, match="m2.w") as info:
+                    st.get(k)
+                assert info.value.code == "non_finite"
+                continue
+            got = st.get(k)
+            assert got.dtype == np.float32 and got.shape == tuple(t.shape) and not got.flags.writeable
+            np.testing.assert_array_equal(got, t.to(torch.float32).numpy())
