@@ -75,6 +75,7 @@ _NUMPY_DTYPES = {k: np.dtype(v) for k, v in _NUMPY.items()}
 _F32 = _NUMPY_DTYPES["F32"]
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 _HALF = frozenset({"F16", "BF16"})
+_ONE_PASS_MAX = 64 << 20  # data bytes up to which a one-type 16-bit file is widened in one pass
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -446,12 +447,15 @@ class SafetensorsFile:
 
         Then ``get`` slices that one buffer: one cast and one finiteness check
         per file instead of one each per tensor (a small LoRA's read is mostly
-        such per-tensor calls). Otherwise tensors are widened one by one.
+        such per-tensor calls). Otherwise, and for files over ``_ONE_PASS_MAX``
+        (where the calls are a small share and one huge pass measured no faster),
+        tensors are widened one by one.
         """
         if self._half_clean_ is None:
             ok = False
             dtypes = {i.dtype for i in self.tensors.values()}
-            data = self._data_section() if len(dtypes) == 1 and dtypes <= _HALF else None
+            small = self.size - self.data_start <= _ONE_PASS_MAX
+            data = self._data_section() if small and len(dtypes) == 1 and dtypes <= _HALF else None
             if data is not None and all(i.start % 2 == 0 for i in self.tensors.values()):
                 u16 = np.frombuffer(data, dtype="<u2", count=len(data) // 2)
                 if self._widened is None:
