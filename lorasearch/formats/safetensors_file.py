@@ -172,7 +172,7 @@ class SafetensorsFile:
         self._data: memoryview | None = None  # the data section, once read whole
         self._widened: np.ndarray | None = None  # float32 values of F16/BF16 tensors, by data offset / 2
         self._clean: bool | None = None  # see _f32_clean
-        self._half_clean_: bool | None = None  # see _half_clean
+        self._half_ok: bool | None = None  # see _half_clean
         self._head = b""  # the 8 length bytes and the JSON header, as stored
         try:
             fh = open(self.path, "rb")
@@ -451,7 +451,7 @@ class SafetensorsFile:
         (where the calls are a small share and one huge pass measured no faster),
         tensors are widened one by one.
         """
-        if self._half_clean_ is None:
+        if self._half_ok is None:
             ok = False
             dtypes = {i.dtype for i in self.tensors.values()}
             small = self.size - self.data_start <= _ONE_PASS_MAX
@@ -463,8 +463,8 @@ class SafetensorsFile:
                 whole = self._widened[:u16.size]
                 _widen_into(u16, whole, next(iter(dtypes)))
                 ok = _all_finite(whole)
-            self._half_clean_ = ok
-        return self._half_clean_
+            self._half_ok = ok
+        return self._half_ok
 
     def _widen(self, key: str, info: TensorInfo) -> np.ndarray:
         """A 16-bit float tensor as float32, written into this file's shared float32 buffer (read-only view).
