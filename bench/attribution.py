@@ -55,7 +55,6 @@ import argparse
 import csv
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from common import SHARED_LORAS, command_line, machine, md_table, set_torch_threads, today, write_section
+from common import SHARED_LORAS, command_line, machine, md_table, set_torch_threads, today, work_dir, write_section
 from retrieval import make_transform, read_raw, write_raw
 
 from lorasearch.attribution import Thresholds, attribute
@@ -589,15 +588,9 @@ def main() -> None:
         args.zoo, args.zoo_cases, args.draws, args.real_checkpoints, args.real_files = 8, 2, 1, 0, 3
     set_torch_threads()
     th = Thresholds(max_fpr=args.max_fpr, min_cosine=args.min_cosine)
-    if args.keep is not None:
-        args.keep.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="lorasearch-attribution-", dir=args.keep))
     t0 = time.perf_counter()
-    try:
+    with work_dir("lorasearch-attribution-", args.keep) as tmp:
         body = measure(tmp, args, th, t0)
-    finally:
-        if args.keep is None:
-            shutil.rmtree(tmp, ignore_errors=True)
     print(body)
     if args.write:
         write_section("attribution", body)

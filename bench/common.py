@@ -7,15 +7,18 @@ others' sections.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import platform
 import re
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 # One BLAS/torch thread per process unless BENCH_THREADS says otherwise: the indexer
 # runs one worker process per core, and on a small shared machine a second BLAS
@@ -57,6 +60,19 @@ def shared_files(family: str, folder: Path = SHARED_LORAS) -> list[tuple[Path, A
         if ld.family == family:
             out.append((p, ld))
     return out
+
+
+@contextlib.contextmanager
+def work_dir(prefix: str, keep: Path | None) -> Iterator[Path]:
+    """A fresh temp folder for a benchmark's files, inside ``keep`` (created) and kept there, else removed after."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=keep))
+    try:
+        yield tmp
+    finally:
+        if keep is None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:

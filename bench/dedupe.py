@@ -61,7 +61,6 @@ import csv
 import hashlib
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from common import REPO, SHARED_LORAS, command_line, machine, md_table, median, set_torch_threads, today, write_section
+from common import REPO, SHARED_LORAS, command_line, machine, md_table, median, set_torch_threads, today, work_dir, write_section
 
 from lorasearch.dedupe import HASH_THREADS, TIERS, dedupe, resave_with_metadata, sha256_file
 from lorasearch.delta import Factored, LoraDelta
@@ -479,14 +478,8 @@ def main() -> None:
     if args.quick:
         args.zoo, args.real, args.files, args.repeats, args.big_repeats = 1, 2, 300, 1, 1
     set_torch_threads()
-    if args.keep is not None:
-        args.keep.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="lorasearch-dedupe-", dir=args.keep))
-    try:
+    with work_dir("lorasearch-dedupe-", args.keep) as tmp:
         body = measure(tmp, args)
-    finally:
-        if args.keep is None:
-            shutil.rmtree(tmp, ignore_errors=True)
     print(body)
     if args.write and not args.quick and not args.no_timing:
         write_section("dedupe", body)

@@ -47,7 +47,6 @@ import common  # noqa: F401,I001  (first: sets the BLAS thread count before nump
 
 import argparse
 import json
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -57,7 +56,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from common import SHARED_LORAS, command_line, machine, md_table, median, set_torch_threads, today, write_section
+from common import SHARED_LORAS, command_line, machine, md_table, median, set_torch_threads, today, work_dir, write_section
 
 from lorasearch.delta import Factored, LoraDelta
 from lorasearch.errors import LoraSearchError
@@ -581,14 +580,9 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="replace this benchmark's section of bench/BENCHMARKS.md")
     args = ap.parse_args()
     set_torch_threads()
-    tmp = Path(tempfile.mkdtemp(prefix="lorasearch-retrieval-", dir=args.keep)) if args.keep else \
-        Path(tempfile.mkdtemp(prefix="lorasearch-retrieval-"))
     t0 = time.perf_counter()
-    try:
+    with work_dir("lorasearch-retrieval-", args.keep) as tmp:
         res = measure(tmp, args.quick, args.seed)
-    finally:
-        if args.keep is None:
-            shutil.rmtree(tmp, ignore_errors=True)
     recs = res["records"]
     done = [r for r in recs if "skipped" not in r]
     origs = res["originals"]

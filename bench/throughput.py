@@ -26,9 +26,7 @@ import common  # noqa: F401,I001  (first: sets the BLAS thread count before nump
 
 import argparse
 import hashlib
-import json
 import multiprocessing as mp
-import os
 import resource
 import shutil
 import tempfile

@@ -29,6 +29,7 @@ import numpy as np
 
 from lorasearch.delta import BIAS_SUFFIX, LoraDelta, NeedsBase
 from lorasearch.errors import BadInput
+from lorasearch.formats.load import read_json_object
 from lorasearch.formats.safetensors_file import SafetensorsFile
 
 Shape = tuple[int, ...]
@@ -67,13 +68,7 @@ def _matrix(shape: Shape) -> Shape:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInput(f"{path}: not a readable JSON file ({exc})", code="bad_base") from None
-    if not isinstance(data, dict):
-        raise BadInput(f"{path}: not a JSON object", code="bad_base")
-    return data
+    return read_json_object(path, "bad_base", "not a readable JSON file ({exc})", "not a JSON object")
 
 
 def _from_headers(files: list[Path]) -> dict[str, tuple[Shape, Shape]]:

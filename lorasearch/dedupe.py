@@ -44,7 +44,7 @@ from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 
@@ -198,21 +198,30 @@ def _config_key(path: Path) -> str:
     return hashlib.sha256(json.dumps(sub, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def sha256_file(path: str | Path) -> tuple[str, int]:
-    """(lower-case hex sha256, size) of a file: one ``read`` for files up to ``WHOLE_READ_BYTES``
-    (no per-chunk Python loop: most LoRAs are a few MiB), chunked beyond."""
+_T = TypeVar("_T")
+
+
+def _hash_file(path: str | Path, whole: Callable[[bytes, int], _T], chunked: Callable[[BinaryIO, int], _T]) -> _T:
+    """``whole(data, size)`` after one ``read`` for files up to ``WHOLE_READ_BYTES`` (no per-chunk
+    Python loop: most LoRAs are a few MiB), else ``chunked(fh, size)`` on the file from its start."""
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
         if size <= WHOLE_READ_BYTES:
             data = os.read(fd, size)
             if len(data) == size:
-                return hashlib.sha256(data).hexdigest(), size
+                return whole(data, size)
         os.lseek(fd, 0, os.SEEK_SET)
         with os.fdopen(os.dup(fd), "rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest(), size
+            return chunked(fh, size)
     finally:
         os.close(fd)
+
+
+def sha256_file(path: str | Path) -> tuple[str, int]:
+    """(lower-case hex sha256, size) of a file, read once."""
+    return _hash_file(path, lambda data, size: (hashlib.sha256(data).hexdigest(), size),
+                      lambda fh, size: (hashlib.file_digest(fh, "sha256").hexdigest(), size))
 
 
 def split_hashes(path: str | Path) -> tuple[str, str | None, str, int]:
@@ -227,28 +236,22 @@ def split_hashes(path: str | Path) -> tuple[str, str | None, str, int]:
         (head hash, AutoV3 upper-case, "", size), or for a file without a valid safetensors header
         ("", None, sha256 of the whole file, size).
     """
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        if size <= WHOLE_READ_BYTES:
-            data = os.read(fd, size)
-            if len(data) == size:
-                split = _split_at(data[:8], size)
-                if split is None:
-                    return "", None, hashlib.sha256(data).hexdigest(), size
-                view = memoryview(data)
-                return (hashlib.sha256(view[:split]).hexdigest(), hashlib.sha256(view[split:]).hexdigest().upper(),
-                        "", size)
-        os.lseek(fd, 0, os.SEEK_SET)
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            split = _split_at(fh.read(8), size)
-            fh.seek(0)
-            if split is None:
-                return "", None, hashlib.file_digest(fh, "sha256").hexdigest(), size
-            head = hashlib.sha256(fh.read(split)).hexdigest()
-            return head, hashlib.file_digest(fh, "sha256").hexdigest().upper(), "", size
-    finally:
-        os.close(fd)
+    def whole(data: bytes, size: int) -> tuple[str, str | None, str, int]:
+        split = _split_at(data[:8], size)
+        if split is None:
+            return "", None, hashlib.sha256(data).hexdigest(), size
+        view = memoryview(data)
+        return hashlib.sha256(view[:split]).hexdigest(), hashlib.sha256(view[split:]).hexdigest().upper(), "", size
+
+    def chunked(fh: BinaryIO, size: int) -> tuple[str, str | None, str, int]:
+        split = _split_at(fh.read(8), size)
+        fh.seek(0)
+        if split is None:
+            return "", None, hashlib.file_digest(fh, "sha256").hexdigest(), size
+        head = hashlib.sha256(fh.read(split)).hexdigest()
+        return head, hashlib.file_digest(fh, "sha256").hexdigest().upper(), "", size
+
+    return _hash_file(path, whole, chunked)
 
 
 def _split_at(first8: bytes, size: int) -> int | None:
@@ -323,7 +326,7 @@ class Node:
 
     members: list[int]  # byte-group indices
     path: str
-    family: str
+    family: str  # the comparison bucket (``family_bucket``)
     vector: np.ndarray | None
     modules: int
     max_rank: int
@@ -331,6 +334,7 @@ class Node:
     autov3: str
     content: str
     style: np.ndarray | None = None
+    detected_family: str = ""  # the family read from the file (``read_lora`` keeps it in metadata)
 
 
 def cache_budget(floor: int = CACHE_BYTES) -> int:
@@ -780,7 +784,7 @@ def _dedupe(paths: Sequence[str | Path], store: Any, progress: Progress | None, 
             continue
         out.ld.source["autov3"] = autov3s[bs[0]]
         nodes.append(Node(list(bs), rep.path, out.ld.family, out.vector, out.modules, out.max_rank, out.precision,
-                          autov3s[bs[0]], out.content, out.style))
+                          autov3s[bs[0]], out.content, out.style, str(out.ld.metadata.get("family", ""))))
         cache.put(len(nodes) - 1, out.ld)
     timings["read_embed"] = time.perf_counter() - t2
     counts = {"files": len(items), "hashed": len(items), "byte_groups": len(bgroups), "read": len(nodes)}
@@ -949,7 +953,8 @@ def _lineage(nodes: list[Node], update_clusters: dict[int, list[int]], cache: Lo
         if max((abs(c.cosine or 0.0) for c in (compare(tl, cache.get(x)) for x in cs)), default=0.0) < min_cos:
             continue
         if fam not in cals:
-            cals[fam] = _calibration(fam, by_family[fam], cache, store)
+            cals[fam] = _calibration(fam, by_family[fam], [nodes[i].detected_family for i in by_family[fam]],
+                                     cache, store)
         verdicts[t] = {**lineage_verdict(tl, [cache.get(c) for c in cs], cals[fam]), "cands": cs}
     merged: dict[int, dict[str, Any]] = {}
     for t, v in verdicts.items():
@@ -974,15 +979,17 @@ def _lineage(nodes: list[Node], update_clusters: dict[int, list[int]], cache: Lo
     return links, merged, len(verdicts)
 
 
-def _calibration(family: str, ids: list[int], cache: LoraCache, store: Any) -> Any:
-    """The store's calibration for its families, else the collection's own null (a seeded sample)."""
+def _calibration(family: str, ids: list[int], detected: list[str], cache: LoraCache, store: Any) -> Any:
+    """The store's calibration for its families, else the collection's own null (a seeded sample).
+
+    ``family`` is a comparison bucket; ``detected`` the families of its files, of which the
+    store calibrates the most common one it holds.
+    """
     from lorasearch.attribution.calibration import MAX_LORAS, get_calibration
 
     if store is not None:
-        # ``family`` is a comparison bucket; the store calibrates the real families it holds
         indexed = set(store.families())
-        real = Counter(str(cache.get(i).metadata.get("family", family)) for i in ids)
-        found = [f for f, _ in real.most_common() if f in indexed]
+        found = [f for f, _ in Counter(detected).most_common() if f in indexed]
         if found:
             return get_calibration(store, found[0])
     rng = np.random.default_rng(int.from_bytes(hashlib.sha256(family.encode()).digest()[:8], "little"))

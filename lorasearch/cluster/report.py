@@ -157,7 +157,7 @@ def write_report(out: Path, result: dict[str, Any], reps: Sequence[Rep], joined:
     (out / "metrics.json").write_text(json.dumps(result, indent=1, default=float), encoding="utf-8")
     files["metrics"] = str(out / "metrics.json")
 
-    md = [f"# LoRA clustering report\n", f"{result['n']} labelled LoRAs; scores against `{', '.join(result['levels'])}` labels.",
+    md = ["# LoRA clustering report\n", f"{result['n']} labelled LoRAs; scores against `{', '.join(result['levels'])}` labels.",
           "Clustering: k-means with k = number of labels on unit rows; `+centred` = corpus mean removed first."
           " CIs: 95 % bootstrap over LoRAs (clustering fitted once).\n"]
     h = ['<!doctype html><html><head><meta charset="utf-8"><title>LoRA clustering report</title><style>'

@@ -61,14 +61,31 @@ def read_source(src: TensorSource, ctx: ReadContext | None = None) -> LoraDelta:
     return LoraDelta(res.family, parsed.format, modules, magnitudes, meta)
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path, code: str, not_json: str, not_object: str) -> dict[str, Any]:
+    """A JSON file that must hold an object.
+
+    Args:
+        path: the file.
+        code: the BadInput code of either failure.
+        not_json: message after ``"<path>: "`` when the file cannot be read or parsed
+            (``{exc}`` is replaced by the reason).
+        not_object: message after ``"<path>: "`` when it parses to something else.
+
+    Raises:
+        BadInput: either failure, with ``code``.
+    """
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInput(f"{path}: adapter config is not valid JSON ({exc})", code="bad_config") from None
-    if not isinstance(cfg, dict):
-        raise BadInput(f"{path}: adapter config is not a JSON object", code="bad_config")
-    return cfg
+        raise BadInput(f"{path}: {not_json.format(exc=exc)}", code=code) from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{path}: {not_object}", code=code)
+    return data
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    return read_json_object(path, "bad_config", "adapter config is not valid JSON ({exc})",
+                            "adapter config is not a JSON object")
 
 
 def sidecar_config(weights: Path) -> Path | None:

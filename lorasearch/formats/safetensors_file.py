@@ -406,9 +406,8 @@ class SafetensorsFile:
             return arr
         if info.dtype in _HALF:
             if self._half_clean():
-                assert self._widened is not None
                 first = info.start // 2
-                out = self._widened[first:first + info.nbytes // 2].reshape(info.shape)
+                out = self._widened_buffer()[first:first + info.nbytes // 2].reshape(info.shape)
                 out.flags.writeable = False
                 return out
             out = self._widen(key, info)
@@ -441,6 +440,12 @@ class SafetensorsFile:
             )
         return self._clean
 
+    def _widened_buffer(self) -> np.ndarray:
+        """The float32 buffer 16-bit tensors are widened into, indexed by data offset / 2 (made once)."""
+        if self._widened is None:
+            self._widened = np.empty((self.size - self.data_start + 1) // 2, dtype=np.float32)
+        return self._widened
+
     def _half_clean(self) -> bool:
         """Whether every tensor is of one 16-bit float type at an even offset and the whole data
         section, held in memory, widened to float32 in one pass, is finite.
@@ -458,9 +463,7 @@ class SafetensorsFile:
             data = self._data_section() if small and len(dtypes) == 1 and dtypes <= _HALF else None
             if data is not None and all(i.start % 2 == 0 for i in self.tensors.values()):
                 u16 = np.frombuffer(data, dtype="<u2", count=len(data) // 2)
-                if self._widened is None:
-                    self._widened = np.empty((self.size - self.data_start + 1) // 2, dtype=np.float32)
-                whole = self._widened[:u16.size]
+                whole = self._widened_buffer()[:u16.size]
                 _widen_into(u16, whole, next(iter(dtypes)))
                 ok = _all_finite(whole)
             self._half_ok = ok
@@ -475,10 +478,8 @@ class SafetensorsFile:
         time of an SDXL-size fp16 file).
         """
         u16 = np.frombuffer(self._bytes(key, info), dtype="<u2")
-        if self._widened is None:
-            self._widened = np.empty((self.size - self.data_start + 1) // 2, dtype=np.float32)
         first = (info.start + 1) // 2  # byte spans do not overlap, so neither do these
-        out = self._widened[first:first + u16.size]
+        out = self._widened_buffer()[first:first + u16.size]
         _widen_into(u16, out, info.dtype)
         out = out.reshape(info.shape)
         out.flags.writeable = False
