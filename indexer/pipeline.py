@@ -1,8 +1,8 @@
 """The indexing pipeline: sources -> (workers: read + embed) -> the parent writes the store in batches.
 
 - Workers (a ``ProcessPoolExecutor`` with the ``spawn`` context, recycled
-  every ``MAX_TASKS_PER_CHILD`` items to bound memory) run ``load_lora`` and
-  ``embed`` and return light picklable results (the embedding and ``summary(ld)``,
+  every ``MAX_TASKS_PER_CHILD`` items to bound memory) run
+  ``read_embed.load_and_embed`` and return light picklable results (the embedding and ``summary(ld)``,
   no factor values: the parent copies the file itself); with ``workers=1`` the
   same work runs in the parent process.
 - The parent is the single writer: ``Store.add_many`` per batch (``batch``
@@ -29,13 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 
 from lorasearch.collection_map import update_maps
-from lorasearch.delta import Delta, Dense, Factored, Kronecker, LoraDelta, NeedsBase, side_shape
-from lorasearch.embed import Embedding, embed
+from lorasearch.delta import LoraDelta, without_values
+from lorasearch.embed import Embedding
 from lorasearch.errors import BadInput, LoraSearchError
-from lorasearch.formats.load import load_lora
+from lorasearch.read_embed import load_and_embed
 from lorasearch.sketch import DEFAULT_DIM, DEFAULT_K
 from lorasearch.store import Store
 
@@ -94,25 +93,6 @@ class Result:
     error: str | None = None
 
 
-def _rank_stub(r: int) -> Factored:
-    """A factored delta of rank ``r`` holding no values (0×r and r×0 factors)."""
-    return Factored(np.zeros((0, r), np.float32), np.zeros((r, 0), np.float32))
-
-
-def _stub(d: Delta) -> Delta:
-    """A delta with the same kind, rank, scale and shape, and no values."""
-    if isinstance(d, Factored):
-        return Factored(np.zeros((0, d.rank), np.float32), np.zeros((d.rank, 0), np.float32), d.scale, d.shape)
-    if isinstance(d, Kronecker):
-        r1 = d.w1.rank if isinstance(d.w1, Factored) else min(side_shape(d.w1))
-        r2 = d.w2.rank if isinstance(d.w2, Factored) else min(side_shape(d.w2))
-        return Kronecker(_rank_stub(r1), _rank_stub(r2), d.scale, d.shape)
-    if isinstance(d, Dense):
-        return Dense(_EMPTY, d.shape)
-    return NeedsBase(d.method, {}, d.shape, d.scale, d.note)
-
-
-_EMPTY = np.zeros(0, np.float32)
 
 
 def summary(ld: LoraDelta) -> LoraDelta:
@@ -121,10 +101,7 @@ def summary(ld: LoraDelta) -> LoraDelta:
 
     A LoRA without a file AutoV3 is returned whole (the store then hashes its values).
     """
-    if not ld.source.get("autov3"):
-        return ld
-    return LoraDelta(ld.family, ld.format, {n: _stub(d) for n, d in ld.modules.items()},
-                     {n: _EMPTY for n in ld.magnitudes}, ld.metadata, ld.source, ld.header_metadata)
+    return without_values(ld) if ld.source.get("autov3") else ld
 
 
 def process_item(item: WorkItem, k: int = DEFAULT_K, dim: int = DEFAULT_DIM) -> Result:
@@ -139,8 +116,8 @@ def process_item(item: WorkItem, k: int = DEFAULT_K, dim: int = DEFAULT_DIM) -> 
         a picklable Result holding ``summary(ld)`` and the embedding.
     """
     try:
-        ld = load_lora(item.path)
-        return Result(item, summary(ld), embed(ld, k=k, dim=dim))
+        ld, emb = load_and_embed(item.path, k=k, dim=dim, keep_factors=False)
+        return Result(item, summary(ld), emb)
     except BadInput as exc:
         return Result(item, error=str(exc))
     except MemoryError:

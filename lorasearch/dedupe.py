@@ -381,11 +381,13 @@ class LoraCache:
 
 
 def view_vectors(ld: LoraDelta) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The ``delta`` and ``style`` view vectors of ``embed(ld)`` (not the per-group views), or None.
+    """The ``delta`` and ``style`` view vectors of one LoRA, or None.
 
     ``delta`` finds the same update and most lineage; ``style`` (every module at
     unit norm) finds module subsets whose kept modules hold little of the energy
     (a LoRA without its attn2 modules can keep 5 % of it: a delta cosine of 0.2).
+    Unlike ``embed``, modules are weighted by their exact norms: dedupe needs the
+    exact norms anyway (``live_modules``), and only compares files among themselves.
     """
     from lorasearch.sketch import DEFAULT_DIM, delta_vector, sketch_and_norms, style_vector
 

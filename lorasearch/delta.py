@@ -197,3 +197,34 @@ class LoraDelta:
     def weight_modules(self) -> dict[str, Delta]:
         """Modules whose update is additive and known without the base."""
         return {k: v for k, v in self.modules.items() if not isinstance(v, NeedsBase)}
+
+
+def _rank_stub(r: int) -> Factored:
+    """A factored delta of rank ``r`` holding no values (0×r and r×0 factors)."""
+    return Factored(np.zeros((0, r), np.float32), np.zeros((r, 0), np.float32))
+
+
+def _stub(d: Delta) -> Delta:
+    """A delta with the same kind, rank, scale and shape, and no values."""
+    if isinstance(d, Factored):
+        return Factored(np.zeros((0, d.rank), np.float32), np.zeros((d.rank, 0), np.float32), d.scale, d.shape)
+    if isinstance(d, Kronecker):
+        r1 = d.w1.rank if isinstance(d.w1, Factored) else min(side_shape(d.w1))
+        r2 = d.w2.rank if isinstance(d.w2, Factored) else min(side_shape(d.w2))
+        return Kronecker(_rank_stub(r1), _rank_stub(r2), d.scale, d.shape)
+    if isinstance(d, Dense):
+        return Dense(_EMPTY, d.shape)
+    return NeedsBase(d.method, {}, d.shape, d.scale, d.note)
+
+
+_EMPTY = np.zeros(0, np.float32)
+
+
+def without_values(ld: LoraDelta) -> LoraDelta:
+    """``ld`` with every module kept by kind, rank, scale and shape but no factor values.
+
+    What the store's writer needs besides the embedding (family, format, module
+    kinds, ranks, metadata, source and hashes), a few bytes per module.
+    """
+    return LoraDelta(ld.family, ld.format, {n: _stub(d) for n, d in ld.modules.items()},
+                     {n: _EMPTY for n in ld.magnitudes}, ld.metadata, ld.source, ld.header_metadata)

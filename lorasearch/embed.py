@@ -3,7 +3,7 @@
 Views stored in FAISS:
 
 - ``delta``: the raw sketches folded to D dims (identity, lineage, attribution);
-- ``style``: every module normalised to unit norm first, so no layer dominates;
+- ``style``: every module sketch normalised to unit norm first, so no layer dominates;
 - ``style:<group>``: the style view restricted to one module group
   (``attention``, ``feed_forward``, ``conv``, ``text_encoder``), present only
   when the LoRA has modules in that group.
@@ -13,11 +13,11 @@ Pure: no I/O. The sketch maths lives in ``lorasearch.sketch``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from lorasearch.delta import LoraDelta
+from lorasearch.delta import Delta, LoraDelta
 from lorasearch.sketch import (
     DEFAULT_DIM,
     DEFAULT_K,
@@ -27,7 +27,8 @@ from lorasearch.sketch import (
     in_group,
     module_groups,
     normalise,
-    sketch_and_norms,
+    sketch_lora,
+    sketch_norms,
 )
 
 VIEW_DELTA = "delta"
@@ -46,7 +47,9 @@ class Embedding:
         k: sketch size (each module sketch is k×k).
         dim: length of every view vector.
         sketches: canonical module name -> k×k float32 sketch.
-        norms: canonical module name -> exact Frobenius norm of its update.
+        norms: canonical module name -> norm of its sketch, ``‖Z_m‖_F`` (an estimate of
+            ``‖ΔW_m‖_F``; exact norms come from the factors where a score must be exact,
+            ``lorasearch.frobenius``).
         vectors: view name -> float32 unit vector of length ``dim``.
         sketch_version: ``lorasearch.sketch.SKETCH_VERSION`` at embedding time.
     """
@@ -97,7 +100,7 @@ def view_vectors(sketches: Mapping[str, np.ndarray], norms: Mapping[str, float],
 
     Args:
         sketches: module -> k×k sketch.
-        norms: module -> exact Frobenius norm.
+        norms: module -> norm to divide the module by in the style views (``sketch_norms``).
         dim: vector length.
 
     Returns:
@@ -119,18 +122,21 @@ def view_vectors(sketches: Mapping[str, np.ndarray], norms: Mapping[str, float],
     return {v: x.astype(np.float32) for v, x in out.items() if float(np.linalg.norm(x)) > 0}
 
 
-def embed(ld: LoraDelta, k: int = DEFAULT_K, dim: int = DEFAULT_DIM) -> Embedding:
+def embed(ld: LoraDelta, k: int = DEFAULT_K, dim: int = DEFAULT_DIM,
+          prepare: Callable[[Delta], None] | None = None) -> Embedding:
     """Sketch every additive module of a LoRA and build its view vectors.
 
     Args:
         ld: the LoRA.
         k: sketch size.
         dim: view vector length.
+        prepare: passed to ``sketch_lora`` (the streaming reader's hook).
 
     Returns:
         the Embedding (modules that need the base weights are not sketched).
     """
-    sketches, norms = sketch_and_norms(ld, k)
+    sketches = sketch_lora(ld, k, prepare)
+    norms = sketch_norms(sketches)
     return Embedding(ld.family, k, dim, sketches, norms, view_vectors(sketches, norms, dim))
 
 
@@ -143,7 +149,7 @@ def sketch_cosine(
     """Cosine of two LoRAs from their full module sketches (no folding), as a re-ranking score.
 
     ``delta`` mirrors ``lorasearch.frobenius.compare``: over the modules both
-    have, sketches as they are. ``style`` normalises every module by its exact
+    have, sketches as they are. ``style`` normalises every module by its stored
     norm and counts all modules of either side in the norms, like the folded
     style vector.
 
@@ -185,7 +191,7 @@ def sketch_cosine(
 
 
 def _unit_rows(s: tuple[Sequence[str], np.ndarray, np.ndarray], rows: list[int]) -> np.ndarray:
-    """Sketches ``rows`` flattened and divided by their module's exact norm (zero-norm modules stay zero)."""
+    """Sketches ``rows`` flattened and divided by their module's stored norm (zero-norm modules stay zero)."""
     if not rows:
         return np.zeros((0, 0))
     z = np.asarray(s[1][rows], dtype=np.float64).reshape(len(rows), -1)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 from functools import lru_cache
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -25,7 +25,10 @@ from lorasearch.frobenius import sq_norm
 
 Shape = tuple[int, ...]
 
-SKETCH_VERSION = 1
+# 2: the style views weight each module by its sketch norm, not its exact norm
+# (the Gaussian test matrices are those of version 1: see _SEED_VERSION)
+SKETCH_VERSION = 2
+_SEED_VERSION = 1
 DEFAULT_K = 8
 DEFAULT_DIM = 1024
 BUCKETS_PER_ENTRY = 4
@@ -40,7 +43,7 @@ MODULE_GROUPS: dict[str, re.Pattern[str]] = {
 
 
 def _seed(*parts: object) -> int:
-    h = hashlib.sha256("\x1f".join(map(str, (SKETCH_VERSION, *parts))).encode()).digest()
+    h = hashlib.sha256("\x1f".join(map(str, (_SEED_VERSION, *parts))).encode()).digest()
     return int.from_bytes(h[:8], "little")
 
 
@@ -117,7 +120,8 @@ def sketch_shape(d: Delta) -> tuple[int, int]:
 _BATCH_MAX = 1 << 14
 
 
-def _batchable(d: Delta) -> bool:
+def is_stacked(d: Delta) -> bool:
+    """Whether ``sketch_lora`` multiplies this module stacked with the others of its factor shapes."""
     if not isinstance(d, Factored):
         return False
     u, v = d.up, d.down
@@ -132,34 +136,56 @@ def _by_shape(modules: Mapping[str, Delta]) -> tuple[dict[str, Delta], dict[tupl
     for name, d in modules.items():
         if isinstance(d, NeedsBase):
             continue
-        if _batchable(d):
+        if is_stacked(d):
             batches.setdefault((d.up.shape, d.down.shape), []).append(name)  # type: ignore[union-attr]
         else:
             single[name] = d
     return single, batches
 
 
-def sketch_lora(ld: LoraDelta, k: int = DEFAULT_K) -> dict[str, np.ndarray]:
+def sketch_lora(ld: LoraDelta, k: int = DEFAULT_K, prepare: Callable[[Delta], None] | None = None) -> dict[str, np.ndarray]:
     """Sketch every additive module of a LoraDelta.
 
     Modules that need the base weights are skipped (they have no ΔW alone).
+
+    Args:
+        ld: the LoRA.
+        k: sketch size.
+        prepare: called with each module right before it is sketched (the
+            streaming reader writes its factors then; see ``lorasearch.read_embed``).
 
     Returns:
         canonical module name -> k×k float32 sketch, in module order.
     """
     single, batches = _by_shape(ld.modules)
     out: dict[str, np.ndarray] = {}
-    for name, d in single.items():
-        p, q = sketch_shape(d)
-        out[name] = module_sketch(d, gaussian(ld.family, name, (p, q), "L", p, k),
-                                  gaussian(ld.family, name, (p, q), "R", q, k))
     for (us, vs), names in batches.items():
         fs: list[Factored] = [ld.modules[n] for n in names]  # type: ignore[misc]
+        if prepare is not None:
+            for f in fs:
+                prepare(f)
         L, R = _stacked_gaussians(ld.family, tuple(names), us[0], vs[1], k)
         z = np.matmul(L, np.stack([f.up for f in fs])) @ np.matmul(np.stack([f.down for f in fs]), R.transpose(0, 2, 1))
         z = (z * np.array([f.scale for f in fs], dtype=np.float32)[:, None, None]).astype(np.float32)
         out.update(zip(names, z))
+    for name, d in single.items():
+        if prepare is not None:
+            prepare(d)
+        p, q = sketch_shape(d)
+        out[name] = module_sketch(d, gaussian(ld.family, name, (p, q), "L", p, k),
+                                  gaussian(ld.family, name, (p, q), "R", q, k))
     return {n: out[n] for n in ld.modules if n in out}
+
+
+def sketch_norms(sketches: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """``‖Z_m‖_F`` of every module sketch: the module norm the style views divide by.
+
+    ``E‖Z_m‖² = ‖ΔW_m‖²``, so it estimates the exact norm; unlike it, it costs
+    nothing (the exact norm of a rank-r factored update costs r/(2k) times its
+    sketch: 2× at r = 32, k = 8) and it makes every module's sketch exactly unit
+    length in the style views.
+    """
+    return {n: float(np.sqrt(np.sum(np.square(z, dtype=np.float64)))) for n, z in sketches.items()}
 
 
 @lru_cache(maxsize=64)  # one entry per batch shape of a family's usual module set (small modules only)
@@ -367,7 +393,7 @@ def style_vector(sketches: Mapping[str, np.ndarray], norms: Mapping[str, float],
 
     Args:
         sketches: module -> sketch.
-        norms: exact module norms (``module_norms``).
+        norms: the norm each module is divided by (``sketch_norms``; ``module_norms`` for exact ones).
         groups: module groups to keep (``attention``, ``feed_forward``, ``conv``, ``text_encoder``), None for all.
     """
     g = None if groups is None else tuple(groups)

@@ -685,7 +685,7 @@ CREATE TABLE IF NOT EXISTS loras (
     rank_min INTEGER,
     rank_max INTEGER,
     modules INTEGER NOT NULL DEFAULT 0,
-    norm REAL,
+    norm REAL,  -- ‖ΔW‖_F over all modules as the sketches measure it (from sketch_version 2, exact before)
     needs_base INTEGER NOT NULL DEFAULT 0,
     labels TEXT NOT NULL DEFAULT '[]',
     header_metadata TEXT NOT NULL DEFAULT '{}',
@@ -1142,6 +1142,9 @@ class Store:
             row = c.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
             if row is None:
                 c.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (key, str(val)))
+            elif int(row[0]) != val and key == "sketch_version":
+                raise StoreError(f"{self.root}: store was built with sketch_version {row[0]}, this lorasearch embeds "
+                                 f"with {val} (its style views differ); index the store's sources into a new --db")
             elif int(row[0]) != val:
                 raise StoreError(f"{self.root}: store holds {key}={row[0]}, embedding has {key}={val}; re-embed with the store's settings")
 

@@ -74,7 +74,7 @@ from lorasearch.attribution.mixture import (
 )
 from lorasearch.delta import Delta, Factored, Kronecker, LoraDelta, NeedsBase
 from lorasearch.errors import BadInput
-from lorasearch.frobenius import inner, sq_norm
+from lorasearch.frobenius import inner, module_sq_norms, sq_norm
 from lorasearch.search import DeltaCache
 from lorasearch.sketch import delta_vector, sketch_lora
 
@@ -441,6 +441,7 @@ def candidate_families(store: Any, target: Target) -> list[str]:
 
 
 def _sq_total(store: Any, i: int) -> float:
+    """``‖ΔW‖²`` of a stored LoRA estimated from its stored sketch norms (no file copy to be exact with)."""
     sf = store.sketch_file(i)
     return float(np.sum(np.asarray(sf.norms, dtype=np.float64) ** 2)) if sf is not None else 0.0
 
@@ -501,7 +502,10 @@ def _attribute_target(store: Any, target: Target, th: Thresholds | None, exclude
         stats, ids = best.stats, best.shortlist
     cal_by_family = {f: calib.get_calibration(store, f, cache) for f in {rows[i]["family"] for i in ids if i in rows}}
     cals = [cal_by_family[rows[i]["family"]] for i in ids]
-    norms2 = np.array([_sq_total(store, i) for i in ids])
+    if lds is not None:  # exact, from the factors (cached on each LoraDelta)
+        norms2 = np.array([sum(module_sq_norms(ld).values()) for ld in lds])
+    else:
+        norms2 = np.array([_sq_total(store, i) for i in ids])
     dec = decide(stats, cals, norms2, th)
     out["exact"] = stats.exact
     out["calibration"] = {f: c.summary() for f, c in cal_by_family.items()}

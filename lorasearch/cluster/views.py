@@ -84,7 +84,7 @@ def sketch_view(store: Any, ids: Sequence[int], name: str) -> View:
     """``delta:sketch`` / ``style:sketch``: the concatenated full module sketches, unfolded.
 
     Modules absent from a LoRA contribute zeros; ``style`` scales every module
-    sketch by its exact norm first (so every module counts alike).
+    sketch by its stored norm first (its sketch norm: every module counts alike).
 
     Args:
         store: an open Store.

@@ -276,7 +276,8 @@ def _decode_oft(mod: str, get: Getter, roles: dict[str, str]) -> DecodedModule:
     return DecodedModule(_needs_base(method, get, roles, "orthogonal rotation of W0", alpha or 0.0), algorithm=method)
 
 
-def decode_module(mod: str, get: Getter, roles: dict[str, str], rule: AlphaRule) -> DecodedModule:
+def decode_module(mod: str, get: Getter, roles: dict[str, str], rule: AlphaRule,
+                  view: Getter | None = None) -> DecodedModule:
     """Decode one module from its role -> key map.
 
     Args:
@@ -284,6 +285,9 @@ def decode_module(mod: str, get: Getter, roles: dict[str, str], rule: AlphaRule)
         get: reads a tensor as float32 by key.
         roles: role -> tensor key.
         rule: how alpha and rank turn into the scale.
+        view: a getter whose values may be written later
+            (``SafetensorsFile.get_deferred``); used only for plain LoRA / LoCon
+            factors, which are reshaped and never computed with here.
 
     Returns:
         the module's weight delta (None if it only has a bias or norm part),
@@ -305,7 +309,8 @@ def decode_module(mod: str, get: Getter, roles: dict[str, str], rule: AlphaRule)
     bias = Dense(get(roles["up_bias"])) if "up_bias" in keys else None
     if "down" in keys and "up" in keys:
         algo = "dora" if magnitude is not None else "lora"
-        return DecodedModule(decode_lora(mod, get, roles, rule), bias, magnitude, algo)
+        plain = view is not None and magnitude is None and "mid" not in keys
+        return DecodedModule(decode_lora(mod, view if plain else get, roles, rule), bias, magnitude, algo)  # type: ignore[arg-type]
     if keys & LOHA_ROLES:
         return DecodedModule(decode_loha(mod, get, roles, rule), bias, magnitude, "loha")
     if keys & LOKR_ROLES:

@@ -239,8 +239,11 @@ def decode_groups(
 
     mods: list[RawModule] = []
     algos: dict[str, int] = {}
+    # plain factors may be left unwritten until the sketch needs them (kohya names are
+    # only renamed and sliced from here on; see SafetensorsFile.get_deferred)
+    view = getattr(src, "get_deferred", None) if getattr(src, "defer", False) else None
     for mod, roles in groups.items():
-        dec = decode_module(mod, src.get, roles, rule)
+        dec = decode_module(mod, src.get, roles, rule, view)
         if dec.weight is None and dec.bias is None:
             continue
         algos[dec.algorithm] = algos.get(dec.algorithm, 0) + 1

@@ -1,6 +1,7 @@
 """Entry points: a path (file, PEFT folder) or a TensorSource -> LoraDelta."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -142,6 +143,26 @@ def load_lora(
     Raises:
         BadInput: with a one-line reason naming the file.
     """
+    with opened_lora(path, config, max_bytes, hashes) as (ld, _):
+        return ld
+
+
+@contextlib.contextmanager
+def opened_lora(
+    path: str | Path, config: str | Path | dict[str, Any] | None = None, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    hashes: bool = True, defer: bool = False,
+) -> Iterator[tuple[LoraDelta, SafetensorsFile]]:
+    """``load_lora`` with its file still open, for a caller that writes deferred factors.
+
+    Args:
+        path, config, max_bytes, hashes: as ``load_lora``.
+        defer: let the kohya reader leave plain 16-bit factors unwritten
+            (``SafetensorsFile.get_deferred``): the LoraDelta is only valid once
+            the caller has called ``fill`` for every module it reads and ``fill_all``.
+
+    Yields:
+        (the LoraDelta, its open SafetensorsFile).
+    """
     weights, cfg_path = resolve_path(Path(path))
     if isinstance(config, dict):
         cfg: dict[str, Any] | None = config
@@ -149,19 +170,22 @@ def load_lora(
         cfg_path = Path(config) if config is not None else cfg_path
         cfg = _read_config(cfg_path) if cfg_path is not None else None
     with SafetensorsFile(weights, max_bytes=max_bytes) as st:
+        st.defer = defer
+        if defer:
+            st.prefetch()  # the data section is read while the reader decodes the header
         ld = read_source(st, ReadContext(path=str(weights), peft_config=cfg))
         sha, v3 = st.hashes(HASH_THREADS) if hashes else (None, None)
-    ld.source = {
-        "path": str(path),
-        "weights": str(weights),
-        "config": str(cfg_path) if cfg_path is not None and not isinstance(config, dict) else None,
-        "bytes": st.size,
-        "file_sha256": sha,
-        "autov2": autov2(sha) if sha is not None else None,
-        "autov3": v3,
-    }
-    ld.header_metadata = dict(st.metadata)
-    return ld
+        ld.source = {
+            "path": str(path),
+            "weights": str(weights),
+            "config": str(cfg_path) if cfg_path is not None and not isinstance(config, dict) else None,
+            "bytes": st.size,
+            "file_sha256": sha,
+            "autov2": autov2(sha) if sha is not None else None,
+            "autov3": v3,
+        }
+        ld.header_metadata = dict(st.metadata)
+        yield ld, st
 
 
 def find_loras(folder: Path) -> Iterator[Path]:

@@ -31,6 +31,7 @@ the widening is exact either way).
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
@@ -46,6 +47,7 @@ from typing import Any, BinaryIO, Iterator, NamedTuple
 import numpy as np
 
 from lorasearch.errors import BadInput, PickleRefused
+from lorasearch.formats import buffer_pool
 from lorasearch.hashes import autov3_start, file_hashes
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
@@ -76,6 +78,7 @@ _F32 = _NUMPY_DTYPES["F32"]
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 _HALF = frozenset({"F16", "BF16"})
 _ONE_PASS_MAX = 64 << 20  # data bytes up to which a one-type 16-bit file is widened in one pass
+_DIRECT_MAX = 64 << 10  # tensors up to this size are read on their own while a prefetch runs
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -173,7 +176,13 @@ class SafetensorsFile:
         self._widened: np.ndarray | None = None  # float32 values of F16/BF16 tensors, by data offset / 2
         self._clean: bool | None = None  # see _f32_clean
         self._half_ok: bool | None = None  # see _half_clean
+        self._one_pass: bool | None = None  # see _one_pass_candidate
+        self._pending: dict[int, tuple[str, TensorInfo]] = {}  # see get_deferred: first float32 index -> tensor
+        self._pending_starts: list[int] = []
+        self._consumed: dict[int, tuple[str, TensorInfo]] = {}  # see widen_into
+        self._prefetch: tuple[threading.Thread, np.ndarray, dict[str, Any]] | None = None  # see prefetch
         self._head = b""  # the 8 length bytes and the JSON header, as stored
+        self.defer = False  # readers may use get_deferred for plain factors (lorasearch.read_embed)
         try:
             fh = open(self.path, "rb")
         except OSError as exc:
@@ -199,6 +208,9 @@ class SafetensorsFile:
     # -- lifetime -------------------------------------------------------------
     def close(self) -> None:
         """Release the file handle (idempotent)."""
+        if self._prefetch is not None:
+            self._prefetch[0].join()  # it reads through the handle
+            self._prefetch = None
         self._finalizer()
         self._fh = None
         self._data = self._widened = None  # arrays sliced from them keep their own reference
@@ -331,12 +343,42 @@ class SafetensorsFile:
     def dtype(self, key: str) -> str:
         return self.tensors[key].dtype
 
+    def prefetch(self) -> None:
+        """Start reading the data section in a background thread (``preadv`` releases the GIL),
+        so the caller can decode the header meanwhile; tensors up to ``_DIRECT_MAX`` bytes
+        asked for before it finishes are read on their own instead of waiting."""
+        if self._data is not None or not self._preload or self._prefetch is not None:
+            return
+        buf = buffer_pool.empty(self.size - self.data_start)
+        out: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                out["got"] = self._pread_into(memoryview(buf), self.data_start)
+            except BaseException as exc:  # noqa: BLE001 - handed to the reader in _data_section
+                out["error"] = exc
+
+        t = threading.Thread(target=run, name="safetensors-prefetch", daemon=True)
+        t.start()
+        self._prefetch = (t, buf, out)
+
     def _data_section(self) -> memoryview | None:
         """The whole data section, read on first use (None when too large to hold)."""
+        if self._data is None and self._prefetch is not None:
+            t, buf, out = self._prefetch
+            t.join()
+            self._prefetch = None
+            if "error" in out:
+                raise out["error"]
+            if out["got"] != buf.size:
+                raise self._bad(f"truncated: read {out['got']} of {buf.size} data bytes "
+                                "(the file changed after it was opened?)", "truncated")
+            self._data = memoryview(buf)
         if self._data is None and self._preload:
             n = self.size - self.data_start
-            # np.empty, not bytearray(n): no zero-fill pass, and numpy asks for huge pages
-            buf = np.empty(n, dtype=np.uint8)
+            # not bytearray(n): no zero-fill pass; numpy asks for huge pages; the pool
+            # lends an SDXL-size worker the pages it already faulted in for the last file
+            buf = buffer_pool.empty(n)
             got = self._pread_into(memoryview(buf), self.data_start)
             if got != n:
                 raise self._bad(
@@ -372,7 +414,10 @@ class SafetensorsFile:
 
     def _bytes(self, key: str, info: TensorInfo) -> memoryview:
         """One tensor's bytes (writable memory: arrays over it are flagged read-only by the callers)."""
-        data = self._data if self._data is not None else self._data_section()
+        if self._data is None and self._prefetch is not None and info.nbytes <= _DIRECT_MAX:
+            data = None  # an alpha or other small tensor while the data section is being read
+        else:
+            data = self._data if self._data is not None else self._data_section()
         if data is not None:
             return data[info.start:info.end]
         buf = memoryview(np.empty(info.nbytes, dtype=np.uint8))
@@ -426,6 +471,112 @@ class SafetensorsFile:
             raise self._bad(f"tensor {key!r} (F64) holds values beyond the float32 range", "non_finite")
         return out
 
+    def get_deferred(self, key: str) -> np.ndarray:
+        """``get`` for code that only reshapes, transposes or slices the array: a large
+        F16/BF16 tensor comes back as its (still unwritten) place in the float32 buffer.
+
+        Its values are written, and checked for NaN/Inf, by ``fill`` or ``fill_all``;
+        until then they are garbage. ``lorasearch.read_embed`` fills each module right
+        before sketching it, so the widened factors are used while still in cache
+        instead of being written to memory in one pass and read back later.
+        Other tensors, and files read tensor by tensor, are read as ``get`` reads them.
+        """
+        info = self.tensors[key]
+        if (info.dtype not in _HALF or info.nbytes < 2 * _FAST_CAST_MIN or info.start % 2
+                or not self._preload or self._one_pass_candidate()):
+            return self.get(key)
+        first = info.start // 2
+        if first not in self._pending:
+            self._pending[first] = (key, info)
+            bisect.insort(self._pending_starts, first)
+        out = self._widened_buffer()[first:first + info.nbytes // 2].reshape(info.shape)
+        out.flags.writeable = False
+        return out
+
+    def fill(self, arr: np.ndarray) -> None:
+        """Write the values of every deferred tensor ``arr`` views (see ``get_deferred``).
+
+        Raises:
+            BadInput: ``non_finite``, naming the tensor.
+        """
+        if not self._pending or self._widened is None or not arr.size:
+            return
+        base = self._widened.__array_interface__["data"][0]
+        low, high = _byte_bounds(arr)
+        if high <= base or low >= base + self._widened.nbytes:
+            return
+        lo, hi = (low - base) // 4, (high - base + 3) // 4
+        starts = self._pending_starts
+        i = max(bisect.bisect_right(starts, lo) - 1, 0)
+        while i < len(starts) and starts[i] < hi:
+            first = starts[i]
+            entry = self._pending.get(first)
+            if entry is not None and first + entry[1].nbytes // 2 > lo:
+                self._fill_one(first, *entry)
+            i += 1
+
+    def widen_into(self, arr: np.ndarray, scratch: np.ndarray) -> np.ndarray | None:
+        """``arr``'s values in ``scratch`` instead of the file's float32 buffer, for one-off use.
+
+        ``arr`` must lie inside one deferred tensor (as a LoRA factor, reshaped or
+        row-sliced, does); that tensor is widened into the start of ``scratch`` and
+        the same view of it is returned. The tensor is then no longer pending and
+        ``arr`` itself stays unwritten. Its NaN/Inf check is left to the caller
+        (``check_consumed``): a sketch of the values is finite only if they are.
+
+        Args:
+            arr: a view ``get_deferred`` handed out.
+            scratch: a float32 buffer at least as large as the tensor.
+
+        Returns:
+            the view over ``scratch``, or None when ``arr`` is not such a view.
+        """
+        if not self._pending or self._widened is None or not arr.size or arr.dtype != np.float32:
+            return None
+        base = self._widened.__array_interface__["data"][0]
+        ptr = arr.__array_interface__["data"][0]
+        entry = self._pending.get((ptr - base) // 4) if arr.flags.c_contiguous else None
+        if entry is not None:  # the usual case: the whole tensor, reshaped
+            first = (ptr - base) // 4
+            low, high = ptr, ptr + arr.nbytes
+        else:
+            low, high = _byte_bounds(arr)
+            i = bisect.bisect_right(self._pending_starts, (low - base) // 4) - 1
+            first = self._pending_starts[i] if i >= 0 else -1
+            entry = self._pending.get(first)
+        if entry is None or low < base + 4 * first or high > base + 4 * first + 2 * entry[1].nbytes:
+            return None
+        key, info = entry
+        n = info.nbytes // 2
+        if scratch.size < n:
+            return None
+        data = self._data if self._data is not None else self._data_section()
+        assert data is not None  # deferred tensors exist only for files held in memory
+        _widen_into(np.frombuffer(data[info.start:info.end], dtype="<u2"), scratch[:n], info.dtype)
+        del self._pending[first]
+        self._consumed[first] = entry
+        offset = ptr - (base + 4 * first)
+        return np.ndarray(arr.shape, dtype=np.float32, buffer=scratch, offset=offset, strides=arr.strides)
+
+    def check_consumed(self) -> None:
+        """Check every tensor ``widen_into`` used for NaN/Inf (raises ``non_finite`` naming it)."""
+        for first, (key, info) in list(self._consumed.items()):
+            self._check_finite(key, info, self._widen(key, info))
+
+    def fill_all(self) -> None:
+        """Write every deferred tensor still unwritten."""
+        for first, entry in list(self._pending.items()):
+            self._fill_one(first, *entry)
+
+    @property
+    def unfilled(self) -> int:
+        """Deferred tensors whose values are not written yet."""
+        return len(self._pending)
+
+    def _fill_one(self, first: int, key: str, info: TensorInfo) -> None:
+        del self._pending[first]
+        self._check_finite(key, info, self._widen(key, info))
+
     def _f32_clean(self) -> bool:
         """Whether every tensor is F32 and the whole data section, held in memory, is finite.
 
@@ -443,8 +594,16 @@ class SafetensorsFile:
     def _widened_buffer(self) -> np.ndarray:
         """The float32 buffer 16-bit tensors are widened into, indexed by data offset / 2 (made once)."""
         if self._widened is None:
-            self._widened = np.empty((self.size - self.data_start + 1) // 2, dtype=np.float32)
+            self._widened = buffer_pool.empty((self.size - self.data_start + 1) // 2 * 4).view(np.float32)
         return self._widened
+
+    def _one_pass_candidate(self) -> bool:
+        """Whether ``_half_clean`` may widen this file in one pass (from the header alone)."""
+        if self._one_pass is None:
+            dtypes = {i.dtype for i in self.tensors.values()}
+            self._one_pass = (self.size - self.data_start <= _ONE_PASS_MAX and len(dtypes) == 1
+                              and dtypes <= _HALF and all(i.start % 2 == 0 for i in self.tensors.values()))
+        return self._one_pass
 
     def _half_clean(self) -> bool:
         """Whether every tensor is of one 16-bit float type at an even offset and the whole data
@@ -458,13 +617,11 @@ class SafetensorsFile:
         """
         if self._half_ok is None:
             ok = False
-            dtypes = {i.dtype for i in self.tensors.values()}
-            small = self.size - self.data_start <= _ONE_PASS_MAX
-            data = self._data_section() if small and len(dtypes) == 1 and dtypes <= _HALF else None
-            if data is not None and all(i.start % 2 == 0 for i in self.tensors.values()):
+            data = self._data_section() if self._one_pass_candidate() else None
+            if data is not None:
                 u16 = np.frombuffer(data, dtype="<u2", count=len(data) // 2)
                 whole = self._widened_buffer()[:u16.size]
-                _widen_into(u16, whole, next(iter(dtypes)))
+                _widen_into(u16, whole, next(iter(self.tensors.values())).dtype)
                 ok = _all_finite(whole)
             self._half_ok = ok
         return self._half_ok
@@ -589,6 +746,17 @@ def _widen_into(u16: np.ndarray, out: np.ndarray, dtype: str) -> None:
         np.take(_F16_TABLE, u16, out=out, mode="clip")  # "clip": no bounds-check buffering; codes are all in range
     else:
         np.copyto(out, u16.view(np.float16))
+
+
+def _byte_bounds(arr: np.ndarray) -> tuple[int, int]:
+    """First and one-past-last byte address an array's elements occupy (any strides)."""
+    low = high = arr.__array_interface__["data"][0]
+    for n, st in zip(arr.shape, arr.strides):
+        if st < 0:
+            low += (n - 1) * st
+        else:
+            high += (n - 1) * st
+    return low, high + arr.itemsize
 
 
 def _all_finite(arr: np.ndarray) -> bool:

@@ -1,0 +1,159 @@
+"""The streaming reader: ``load_and_embed`` gives what ``embed(load_lora(...))`` gives, bit for bit."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from lorasearch import sketch
+from lorasearch.embed import embed
+from lorasearch.errors import BadInput
+from lorasearch.formats import buffer_pool, load_lora, safetensors_file
+from lorasearch.read_embed import load_and_embed
+
+REAL = [  # the real kohya-named file (float32: nothing to defer) and other readers' files (never deferred)
+    "timohavdk__sd-lora__new.safetensors",
+    "cloneofsimo__lora__example_loras__analog_svd_rank4.safetensors",
+    "Haseebae__Synthetic_dataset_generator_with_stable_diffusion__pytorch_lora_weights.safetensors",
+]
+
+
+def _kohya_file(folder: Path, dtype: str, rank: int = 8, nan: bool = False) -> Path:
+    """A kohya LoCon file: linear and 3×3 conv modules, 16-bit factors, float32 alphas (not one dtype)."""
+    rng = np.random.default_rng(0)
+    np_dtype = np.float16 if dtype == "F16" else np.float32
+    shapes = {
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (320, 320),
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj": (2560, 320),
+        "lora_unet_down_blocks_0_resnets_0_conv1": (320, 320, 3, 3),
+        "lora_te_text_model_encoder_layers_0_mlp_fc1": (3072, 768),
+    }
+    t: dict[str, np.ndarray] = {}
+    for name, (o, i, *kern) in shapes.items():
+        t[f"{name}.lora_down.weight"] = rng.standard_normal((rank, i, *kern)).astype(np.float32)
+        t[f"{name}.lora_up.weight"] = rng.standard_normal((o, rank, *([1] * len(kern)))).astype(np.float32) * 0.01
+        t[f"{name}.alpha"] = np.array(rank / 2, np.float32)
+    if nan:
+        t["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"][1, 2, 0, 0] = np.nan
+    path = folder / f"kohya_{dtype}{'_nan' if nan else ''}.safetensors"
+    if dtype == "BF16":  # safetensors.numpy has no bfloat16: write the upper halves of float32 by hand
+        import torch
+        from safetensors.torch import save_file as save_torch
+
+        save_torch({k: (torch.from_numpy(v).bfloat16() if v.ndim else torch.from_numpy(v)) for k, v in t.items()}, str(path))
+    else:
+        save_file({k: (v.astype(np_dtype) if v.ndim else v) for k, v in t.items()}, str(path))
+    return path
+
+
+def _flux_kohya_file(folder: Path, shared_keys: Path) -> Path:
+    """Random BF16 values in a real Flux kohya layout (fused single-block linears are split by rows)."""
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    d = json.loads((shared_keys / "li_flux1_kohya_dracofelis.json").read_text())
+    g = torch.Generator().manual_seed(0)
+    t = {k: torch.randn(v["shape"], generator=g).bfloat16() for k, v in d["tensors"].items()}
+    path = folder / "flux_kohya.safetensors"
+    save_torch(t, str(path), metadata={k: str(v) for k, v in (d.get("metadata") or {}).items()})
+    return path
+
+
+@pytest.fixture
+def defer_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defer tensors of any size, also in small one-dtype files (normally only large ones are)."""
+    monkeypatch.setattr(safetensors_file, "_FAST_CAST_MIN", 16)
+    monkeypatch.setattr(safetensors_file, "_ONE_PASS_MAX", 0)
+
+
+def _files(tmp_path: Path, shared_loras: Path, shared_keys: Path) -> list[Path]:
+    return [_kohya_file(tmp_path, "F16"), _kohya_file(tmp_path, "BF16"), _flux_kohya_file(tmp_path, shared_keys),
+            *(shared_loras / n for n in REAL)]
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["small-modules-stacked", "nothing-stacked"])
+def test_same_bits_as_two_step(tmp_path: Path, shared_loras: Path, shared_keys: Path, defer_everything: None,
+                               monkeypatch: pytest.MonkeyPatch, stacked: bool) -> None:
+    if not stacked:  # every module through the scratch buffers
+        monkeypatch.setattr(sketch, "_BATCH_MAX", 0)
+    for path in _files(tmp_path, shared_loras, shared_keys):
+        ld0 = load_lora(path)
+        e0 = embed(ld0)
+        for keep in (True, False):
+            ld, e = load_and_embed(path, keep_factors=keep)
+            assert ld.family == ld0.family and ld.source == ld0.source and ld.modules.keys() == ld0.modules.keys()
+            assert e.sketches.keys() == e0.sketches.keys() and e.vectors.keys() == e0.vectors.keys()
+            for n, z in e0.sketches.items():
+                assert np.array_equal(e.sketches[n], z), (path.name, n)
+            for v, x in e0.vectors.items():
+                assert np.array_equal(e.vectors[v], x), (path.name, v)
+            if keep:  # every factor written, as load_lora writes it
+                for n, d in ld0.modules.items():
+                    assert np.array_equal(ld.modules[n].up, d.up) and np.array_equal(ld.modules[n].down, d.down), n
+            else:
+                assert all(d.up.size == 0 for d in ld.modules.values() if hasattr(d, "up"))
+
+
+def test_deferral_happens(tmp_path: Path) -> None:
+    path = _kohya_file(tmp_path, "F16", rank=64)  # factors of 20k+ elements, float32 alphas: per-tensor path
+    from lorasearch.formats.load import opened_lora
+
+    with opened_lora(path, defer=True) as (ld, st):
+        assert st.unfilled == 8  # every up and down factor
+        st.fill_all()
+        assert st.unfilled == 0
+    with opened_lora(path) as (ld, st):
+        assert st.unfilled == 0
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_nan_in_a_deferred_factor_is_reported(tmp_path: Path, defer_everything: None, keep: bool) -> None:
+    path = _kohya_file(tmp_path, "F16", nan=True)
+    with pytest.raises(BadInput) as e:
+        load_lora(path)
+    assert e.value.code == "non_finite"
+    with pytest.raises(BadInput) as e2:
+        load_and_embed(path, keep_factors=keep)
+    assert e2.value.code == "non_finite" and str(e2.value) == str(e.value)
+
+
+def test_pool_lends_a_block_only_when_nothing_holds_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(buffer_pool, "POOL_MIN_BYTES", 1 << 10)
+    buffer_pool.clear()
+    a = buffer_pool.empty(1 << 12)
+    view = a[10:20].view(np.uint8)
+    del a
+    b = buffer_pool.empty(1 << 12)  # the first block is still held through ``view``
+    assert buffer_pool.pooled_bytes() == 2 << 12
+    a_ptr, b_ptr = view.__array_interface__["data"][0] - 10, b.__array_interface__["data"][0]
+    assert a_ptr != b_ptr
+    del view
+    c = buffer_pool.empty(1 << 11)  # now the first block is idle again and is lent out
+    assert c.__array_interface__["data"][0] == a_ptr and buffer_pool.pooled_bytes() == 2 << 12
+    del b, c
+    buffer_pool.clear()
+
+
+def test_widen_into_rebases_sliced_and_transposed_views(tmp_path: Path, defer_everything: None) -> None:
+    path = _kohya_file(tmp_path, "F16")
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj.lora_up.weight"
+    with safetensors_file.SafetensorsFile(path) as st:
+        want = st.get(key).copy()
+    views = {
+        "whole": lambda a: a.reshape(a.shape[0], -1),
+        "rows": lambda a: a.reshape(a.shape[0], -1)[640:1280],
+        "transposed": lambda a: a.reshape(a.shape[0], -1).T,
+        "reversed": lambda a: a.reshape(a.shape[0], -1)[::-1],
+    }
+    for name, make in views.items():
+        with safetensors_file.SafetensorsFile(path) as st:
+            st.defer = True
+            view = make(st.get_deferred(key))
+            assert st.unfilled == 1
+            got = st.widen_into(view, np.empty(want.size, np.float32))
+            assert got is not None and st.unfilled == 0, name
+            assert np.array_equal(got, make(want)), name
+            assert st.widen_into(view, np.empty(want.size, np.float32)) is None  # consumed: no longer deferred
