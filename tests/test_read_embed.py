@@ -64,9 +64,11 @@ def _flux_kohya_file(folder: Path, shared_keys: Path) -> Path:
 
 @pytest.fixture
 def defer_everything(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Defer tensors of any size, also in small one-dtype files (normally only large ones are)."""
+    """Defer tensors of any size, also in small one-dtype files, and read every data section in the
+    background (normally only large files are)."""
     monkeypatch.setattr(safetensors_file, "_FAST_CAST_MIN", 16)
     monkeypatch.setattr(safetensors_file, "_ONE_PASS_MAX", 0)
+    monkeypatch.setattr(safetensors_file, "_PREFETCH_MIN", 0)
 
 
 def _files(tmp_path: Path, shared_loras: Path, shared_keys: Path) -> list[Path]:
@@ -157,3 +159,15 @@ def test_widen_into_rebases_sliced_and_transposed_views(tmp_path: Path, defer_ev
             assert got is not None and st.unfilled == 0, name
             assert np.array_equal(got, make(want)), name
             assert st.widen_into(view, np.empty(want.size, np.float32)) is None  # consumed: no longer deferred
+
+
+def test_prefetch_reports_a_file_cut_after_opening(tmp_path: Path, defer_everything: None) -> None:
+    path = _kohya_file(tmp_path, "F16")
+    st = safetensors_file.SafetensorsFile(path)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 1000)
+    st.prefetch()
+    with pytest.raises(BadInput) as e:
+        st.hashes()
+    st.close()
+    assert e.value.code == "truncated"

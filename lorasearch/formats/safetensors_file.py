@@ -79,6 +79,7 @@ FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 _HALF = frozenset({"F16", "BF16"})
 _ONE_PASS_MAX = 64 << 20  # data bytes up to which a one-type 16-bit file is widened in one pass
 _DIRECT_MAX = 64 << 10  # tensors up to this size are read on their own while a prefetch runs
+_PREFETCH_MIN = 16 << 20  # smaller data sections are read in the caller's thread (a thread costs more)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -347,7 +348,8 @@ class SafetensorsFile:
         """Start reading the data section in a background thread (``preadv`` releases the GIL),
         so the caller can decode the header meanwhile; tensors up to ``_DIRECT_MAX`` bytes
         asked for before it finishes are read on their own instead of waiting."""
-        if self._data is not None or not self._preload or self._prefetch is not None:
+        if (self._data is not None or not self._preload or self._prefetch is not None
+                or self.size - self.data_start < _PREFETCH_MIN):
             return
         buf = buffer_pool.empty(self.size - self.data_start)
         out: dict[str, Any] = {}
