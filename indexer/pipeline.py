@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-
 from lorasearch.collection_map import update_maps
 from lorasearch.delta import LoraDelta, without_values
 from lorasearch.embed import Embedding
@@ -91,8 +90,6 @@ class Result:
     ld: LoraDelta | None = None
     emb: Embedding | None = None
     error: str | None = None
-
-
 
 
 def summary(ld: LoraDelta) -> LoraDelta:

@@ -5,8 +5,10 @@ first and sketches afterwards: on an SDXL-size LoRA (0.5 GB of float32
 factors) the sketch then reads everything back from memory. Here the kohya
 reader leaves plain LoRA/LoCon factors unwritten
 (``SafetensorsFile.get_deferred``) and each module is widened right before it
-is sketched, while it is still in cache. The result is the same, bit for bit:
-the values are written to the same place by the same cast, only later.
+is sketched, while it is still in cache: into its place in the file's float32
+buffer when the caller keeps the factors, else into a small buffer reused
+module after module. The sketches and vectors are the same, bit for bit: the
+same cast gives the same values, and the same products run on them.
 """
 from __future__ import annotations
 

@@ -136,6 +136,16 @@ def test_params_must_match_the_store(tmp_path: Path) -> None:
     assert live_ids(s) == [1]
 
 
+def test_a_store_of_an_older_sketch_version_says_to_rebuild(tmp_path: Path) -> None:
+    ld0, emb0, src0 = synth_item(0)
+    emb0.sketch_version = 1  # what a release before SKETCH_VERSION 2 wrote
+    s = Store(tmp_path)
+    s.add(ld0, emb0, src0)
+    with pytest.raises(StoreError, match="built with sketch_version 1, .* embeds with 2 .* new --db"):
+        s.add(*synth_item(1))
+    assert live_ids(s) == [1]
+
+
 def test_readonly_and_missing(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="no lorasearch store"):
         Store(tmp_path / "none", readonly=True)

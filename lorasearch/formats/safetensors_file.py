@@ -24,6 +24,10 @@ a private copy, not an ``mmap``: a file cut or rewritten while mapped would
 kill the process with SIGBUS instead of raising ``truncated``. Larger files
 are read tensor by tensor.
 
+``get_deferred``, ``fill``, ``widen_into`` and ``prefetch`` serve the streaming
+reader (``lorasearch.read_embed``): factors widened to float32 module by
+module as they are sketched, the data section read while the header is decoded.
+
 Nothing is unpickled and torch is never imported (float8 is decoded with a
 lookup table); when the caller already has torch loaded, its vectorised
 F16/BF16 -> float32 cast is used for large tensors (the values are the same:
@@ -477,8 +481,8 @@ class SafetensorsFile:
         """``get`` for code that only reshapes, transposes or slices the array: a large
         F16/BF16 tensor comes back as its (still unwritten) place in the float32 buffer.
 
-        Its values are written, and checked for NaN/Inf, by ``fill`` or ``fill_all``;
-        until then they are garbage. ``lorasearch.read_embed`` fills each module right
+        Its values are written, and checked for NaN/Inf, by ``fill`` or ``fill_all``
+        (or widened elsewhere by ``widen_into``); until then they are garbage. ``lorasearch.read_embed`` fills each module right
         before sketching it, so the widened factors are used while still in cache
         instead of being written to memory in one pass and read back later.
         Other tensors, and files read tensor by tensor, are read as ``get`` reads them.
