@@ -84,6 +84,7 @@ _HALF = frozenset({"F16", "BF16"})
 _ONE_PASS_MAX = 64 << 20  # data bytes up to which a one-type 16-bit file is widened in one pass
 _DIRECT_MAX = 64 << 10  # tensors up to this size are read on their own while a prefetch runs
 _PREFETCH_MIN = 16 << 20  # smaller data sections are read in the caller's thread (a thread costs more)
+_SCALAR_MAX = 8  # 16-bit tensors up to this many bytes are decoded on their own
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -185,6 +186,8 @@ class SafetensorsFile:
         self._pending: dict[int, tuple[str, TensorInfo]] = {}  # see get_deferred: first float32 index -> tensor
         self._pending_starts: list[int] = []
         self._consumed: dict[int, tuple[str, TensorInfo]] = {}  # see widen_into
+        self._widened_ptr = 0  # address of _widened's first value
+        self._data_u16: np.ndarray | None = None  # the data section as uint16 codes (widen_into)
         self._prefetch: tuple[threading.Thread, np.ndarray, dict[str, Any]] | None = None  # see prefetch
         self._head = b""  # the 8 length bytes and the JSON header, as stored
         self.defer = False  # readers may use get_deferred for plain factors (lorasearch.read_embed)
@@ -218,7 +221,7 @@ class SafetensorsFile:
             self._prefetch = None
         self._finalizer()
         self._fh = None
-        self._data = self._widened = None  # arrays sliced from them keep their own reference
+        self._data = self._widened = self._data_u16 = None  # arrays sliced from them keep their own reference
 
     def __enter__(self) -> SafetensorsFile:
         return self
@@ -304,12 +307,13 @@ class SafetensorsFile:
     def _check_spans(self, infos: dict[str, TensorInfo]) -> None:
         """Tensors must tile the data section exactly, as the safetensors library requires."""
         pos = 0
-        for key, info in sorted(infos.items(), key=lambda kv: (kv[1].start, kv[1].end)):
-            if info.start < pos:
-                raise self._bad(f"tensor {key!r} overlaps the previous tensor (offset {info.start} < {pos})", "bad_offsets")
-            if info.start > pos:
-                raise self._bad(f"gap of {info.start - pos} bytes before tensor {key!r} (offset {info.start}, expected {pos})", "bad_offsets")
-            pos = info.end
+        # tuples sort in C; a key function per tensor was a quarter of parsing an SDXL header
+        for start, end, key in sorted([(i.start, i.end, k) for k, i in infos.items()]):
+            if start < pos:
+                raise self._bad(f"tensor {key!r} overlaps the previous tensor (offset {start} < {pos})", "bad_offsets")
+            if start > pos:
+                raise self._bad(f"gap of {start - pos} bytes before tensor {key!r} (offset {start}, expected {pos})", "bad_offsets")
+            pos = end
         data_len = self.size - self.data_start
         if pos > data_len:
             raise self._bad(f"truncated: the tensors need {pos} data bytes, the file has {data_len}", "truncated")
@@ -461,6 +465,12 @@ class SafetensorsFile:
                 out = self._widened_buffer()[first:first + info.nbytes // 2].reshape(info.shape)
                 out.flags.writeable = False
                 return out
+            if info.nbytes <= _SCALAR_MAX:  # an alpha (one per module): no slot, no BLAS check
+                out = _small_half(self._bytes(key, info), info.dtype).reshape(info.shape)
+                if not np.isfinite(out).all():
+                    self._check_finite(key, info, out)
+                out.flags.writeable = False
+                return out
             out = self._widen(key, info)
             self._check_finite(key, info, out)
             return out
@@ -507,7 +517,7 @@ class SafetensorsFile:
         """
         if not self._pending or self._widened is None or not arr.size:
             return
-        base = self._widened.__array_interface__["data"][0]
+        base = self._widened_ptr
         low, high = _byte_bounds(arr)
         if high <= base or low >= base + self._widened.nbytes:
             return
@@ -539,7 +549,7 @@ class SafetensorsFile:
         """
         if not self._pending or self._widened is None or not arr.size or arr.dtype != np.float32:
             return None
-        base = self._widened.__array_interface__["data"][0]
+        base = self._widened_ptr
         ptr = arr.__array_interface__["data"][0]
         entry = self._pending.get((ptr - base) // 4) if arr.flags.c_contiguous else None
         if entry is not None:  # the usual case: the whole tensor, reshaped
@@ -556,13 +566,17 @@ class SafetensorsFile:
         n = info.nbytes // 2
         if scratch.size < n:
             return None
-        data = self._data if self._data is not None else self._data_section()
-        assert data is not None  # deferred tensors exist only for files held in memory
-        _widen_into(np.frombuffer(data[info.start:info.end], dtype="<u2"), scratch[:n], info.dtype)
+        if self._data_u16 is None:
+            data = self._data if self._data is not None else self._data_section()
+            assert data is not None  # deferred tensors exist only for files held in memory
+            self._data_u16 = np.frombuffer(data, dtype="<u2", count=len(data) // 2)
+        _widen_into(self._data_u16[first:first + n], scratch[:n], info.dtype)
         del self._pending[first]
         self._consumed[first] = entry
-        offset = ptr - (base + 4 * first)
-        return np.ndarray(arr.shape, dtype=np.float32, buffer=scratch, offset=offset, strides=arr.strides)
+        if ptr == base + 4 * first and arr.size == n and arr.flags.c_contiguous:  # the whole tensor, reshaped
+            return scratch[:n].reshape(arr.shape)
+        return np.ndarray(arr.shape, dtype=np.float32, buffer=scratch, offset=ptr - (base + 4 * first),
+                          strides=arr.strides)
 
     def check_consumed(self) -> None:
         """Check every tensor ``widen_into`` used for NaN/Inf (raises ``non_finite`` naming it)."""
@@ -601,6 +615,7 @@ class SafetensorsFile:
         """The float32 buffer 16-bit tensors are widened into, indexed by data offset / 2 (made once)."""
         if self._widened is None:
             self._widened = buffer_pool.empty((self.size - self.data_start + 1) // 2 * 4).view(np.float32)
+            self._widened_ptr = self._widened.__array_interface__["data"][0]
         return self._widened
 
     def _one_pass_candidate(self) -> bool:
@@ -752,6 +767,13 @@ def _widen_into(u16: np.ndarray, out: np.ndarray, dtype: str) -> None:
         np.take(_F16_TABLE, u16, out=out, mode="clip")  # "clip": no bounds-check buffering; codes are all in range
     else:
         np.copyto(out, u16.view(np.float16))
+
+
+def _small_half(buf: bytes | memoryview, dtype: str) -> np.ndarray:
+    """A few F16/BF16 values as float32 (exact, like ``_widen_into``)."""
+    if dtype == "F16":
+        return np.frombuffer(buf, dtype="<f2").astype(np.float32)
+    return (np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
 
 
 def _byte_bounds(arr: np.ndarray) -> tuple[int, int]:
