@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -159,6 +160,9 @@ def opened_lora(
         defer: let the kohya reader leave plain 16-bit factors unwritten
             (``SafetensorsFile.get_deferred``): the LoraDelta is only valid once
             the caller has called ``fill`` for every module it reads and ``fill_all``.
+            The hashes are then computed in a background thread while the caller
+            works (hashlib releases the GIL) and land in ``ld.source`` when the
+            block ends.
 
     Yields:
         (the LoraDelta, its open SafetensorsFile).
@@ -174,18 +178,45 @@ def opened_lora(
         if defer:
             st.prefetch()  # the data section is read while the reader decodes the header
         ld = read_source(st, ReadContext(path=str(weights), peft_config=cfg))
-        sha, v3 = st.hashes(HASH_THREADS) if hashes else (None, None)
         ld.source = {
             "path": str(path),
             "weights": str(weights),
             "config": str(cfg_path) if cfg_path is not None and not isinstance(config, dict) else None,
             "bytes": st.size,
-            "file_sha256": sha,
-            "autov2": autov2(sha) if sha is not None else None,
-            "autov3": v3,
+            "file_sha256": None,
+            "autov2": None,
+            "autov3": None,
         }
         ld.header_metadata = dict(st.metadata)
-        yield ld, st
+        if not hashes:
+            yield ld, st
+            return
+        if not defer:
+            _set_hashes(ld.source, st.hashes(HASH_THREADS))
+            yield ld, st
+            return
+        done: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                done["hashes"] = st.hashes(HASH_THREADS)
+            except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below
+                done["error"] = exc
+
+        hasher = threading.Thread(target=run, name="lora-hashes", daemon=True)
+        hasher.start()
+        try:
+            yield ld, st
+        finally:
+            hasher.join()
+        if "error" in done:
+            raise done["error"]
+        _set_hashes(ld.source, done["hashes"])  # the same dict as any summary the caller made of ld
+
+
+def _set_hashes(source: dict[str, Any], hashes: tuple[str, str]) -> None:
+    sha, v3 = hashes
+    source.update(file_sha256=sha, autov2=autov2(sha), autov3=v3)
 
 
 def find_loras(folder: Path) -> Iterator[Path]:

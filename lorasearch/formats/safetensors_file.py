@@ -178,6 +178,7 @@ class SafetensorsFile:
             raise BadInput(f"{self.path}: {what}", code="not_found")
         self._fh: BinaryIO | None = None
         self._lock = threading.Lock()
+        self._data_lock = threading.Lock()  # one reader of the data section at a time
         self._data: memoryview | None = None  # the data section, once read whole
         self._widened: np.ndarray | None = None  # float32 values of F16/BF16 tensors, by data offset / 2
         self._clean: bool | None = None  # see _f32_clean
@@ -373,7 +374,16 @@ class SafetensorsFile:
         self._prefetch = (t, buf, out)
 
     def _data_section(self) -> memoryview | None:
-        """The whole data section, read on first use (None when too large to hold)."""
+        """The whole data section, read on first use (None when too large to hold).
+
+        Thread-safe: the streaming reader hashes in one thread while it sketches in another.
+        """
+        if self._data is not None or not self._preload:
+            return self._data
+        with self._data_lock:
+            return self._read_data_section()
+
+    def _read_data_section(self) -> memoryview | None:
         if self._data is None and self._prefetch is not None:
             t, buf, out = self._prefetch
             t.join()
