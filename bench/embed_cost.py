@@ -269,7 +269,7 @@ def paper_models(lds: list[LoraDelta]) -> dict[str, PaperModel]:
 
 
 def profile(path: Path, cold: bool, top: int = 18) -> str:
-    """cProfile of the embed (load_lora without hashes + embed) of one file (internal time)."""
+    """cProfile of the embed (`embed_file`: load_and_embed without hashes) of one file (internal time)."""
     embed_file(path)
     pr = cProfile.Profile()
     if cold:
