@@ -62,6 +62,13 @@ def load_and_embed(
             return ld, emb
         scratch = _Scratch()
 
+        def in_scratch(arr: np.ndarray, i: int) -> np.ndarray:
+            got = st.widen_into(arr, scratch.get(i, arr.size))
+            if got is None:  # not one deferred tensor (or already written): its own values
+                st.fill(arr)
+                return arr
+            return got
+
         def prepare_once(d: Delta) -> None:
             if not isinstance(d, Factored):
                 return
@@ -69,18 +76,10 @@ def load_and_embed(
                 st.fill(d.up)
                 st.fill(d.down)
                 return
-            up = st.widen_into(d.up, scratch.get(0, d.up.size))
-            down = st.widen_into(d.down, scratch.get(1, d.down.size))
             # the module's factors now point at the scratch buffers, overwritten by the next module:
             # this LoraDelta is replaced by its summary below
-            if up is None:
-                st.fill(d.up)
-            else:
-                d.up = up
-            if down is None:
-                st.fill(d.down)
-            else:
-                d.down = down
+            d.up = in_scratch(d.up, 0)
+            d.down = in_scratch(d.down, 1)
 
         emb = embed(ld, k, dim, prepare_once)
         if not all(np.isfinite(z).all() for z in emb.sketches.values()):

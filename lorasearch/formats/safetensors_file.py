@@ -476,7 +476,10 @@ class SafetensorsFile:
                 out.flags.writeable = False
                 return out
             if info.nbytes <= _SCALAR_MAX:  # an alpha (one per module): no slot, no BLAS check
-                out = _small_half(self._bytes(key, info), info.dtype).reshape(info.shape)
+                u16 = np.frombuffer(self._bytes(key, info), dtype="<u2")
+                out = np.empty(u16.size, dtype=np.float32)
+                _widen_into(u16, out, info.dtype)
+                out = out.reshape(info.shape)
                 if not np.isfinite(out).all():
                     self._check_finite(key, info, out)
                 out.flags.writeable = False
@@ -777,13 +780,6 @@ def _widen_into(u16: np.ndarray, out: np.ndarray, dtype: str) -> None:
         np.take(_F16_TABLE, u16, out=out, mode="clip")  # "clip": no bounds-check buffering; codes are all in range
     else:
         np.copyto(out, u16.view(np.float16))
-
-
-def _small_half(buf: bytes | memoryview, dtype: str) -> np.ndarray:
-    """A few F16/BF16 values as float32 (exact, like ``_widen_into``)."""
-    if dtype == "F16":
-        return np.frombuffer(buf, dtype="<f2").astype(np.float32)
-    return (np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
 
 
 def _byte_bounds(arr: np.ndarray) -> tuple[int, int]:
