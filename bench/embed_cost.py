@@ -57,7 +57,7 @@ import numpy as np
 
 from common import command_line, machine, md_table, median, set_torch_threads, shared_files, timed, timed_cpu, today, write_section
 
-from lorasearch import families, sketch
+from lorasearch import families, sketch, sketch_helper
 from lorasearch.delta import LoraDelta
 from lorasearch.embed import embed, view_vectors
 from lorasearch.read_embed import load_and_embed
@@ -99,6 +99,7 @@ def clear_name_caches() -> None:
 
 def clear_caches() -> None:
     sketch.clear_caches()
+    sketch_helper.clear_caches()
     clear_name_caches()
 
 
@@ -225,6 +226,7 @@ def stage_fns(path: Path, paper_model: PaperModel | None, sdxl: bool = False) ->
         "module_norms": lambda: sketch.module_norms(ld_cache["ld"]),
         "views": lambda: view_vectors(sk, norms, sketch.DEFAULT_DIM),
         "ours_warm": lambda: embed_file(path),
+        "ours_alone": lambda: load_and_embed(path, hashes=False, keep_factors=False, helper=False),
         "ours_hashed": lambda: load_and_embed(path, keep_factors=False),
         "two_step": lambda: embed(load_lora(path, hashes=False)),
         "hashes": SelfTimed(lambda: hash_seconds(path, 1)),
@@ -235,7 +237,7 @@ def stage_fns(path: Path, paper_model: PaperModel | None, sdxl: bool = False) ->
         "ours_warm_evicted": lambda: (evict(path), embed_file(path)),
     }
     if sdxl:
-        fns["ours_numpy"] = numpy_casts(lambda: embed_file(path))
+        fns["ours_numpy"] = numpy_casts(lambda: load_and_embed(path, hashes=False, keep_factors=False, helper=False))
     return fns
 
 
@@ -290,6 +292,7 @@ def ratio_rows(label: str, t: dict[str, dict[str, float]], target: float, sdxl: 
     """Ratios of median wall times, median CPU times and fastest wall times (the least disturbed run)."""
     specs: list[tuple[str | tuple[str, ...], str, str, float | None]] = [
         ("ours_warm", "read", "**embed** (warm caches) ÷ read", target),
+        ("ours_alone", "read", "embed (warm), one process: no sketch helper ÷ read", None),
         ("ours_cold", "read", "embed (cold caches) ÷ read", None),
         ("ours_new_names", "read", "embed, module-name caches cold (Gaussians warm) ÷ read", None),
         ("ours_warm_evicted", "read_evicted", "embed (warm) ÷ read, file evicted from page cache", None),
@@ -302,7 +305,7 @@ def ratio_rows(label: str, t: dict[str, dict[str, float]], target: float, sdxl: 
         ("load", "read", "load_lora alone (no hashes) ÷ read", None),
     ]
     if sdxl:
-        specs.insert(3, ("ours_numpy", "read", "embed (warm), numpy casts (no torch in the process) ÷ read", None))
+        specs.insert(3, ("ours_numpy", "read", "embed (warm), one process, numpy casts (no torch in the process) ÷ read", None))
         specs.append(("decode", "read", "decode floor: bytes -> float32 of every tensor ÷ read", None))
         specs.append((("decode", "sketch_lora"), "read", "decode + sketch of the decoded factors ÷ read", None))
         specs.append(("module_norms", "read", "exact module norms (no longer part of embed) ÷ read", None))
@@ -369,6 +372,8 @@ def main() -> None:
                 f"vectors needs a 128 × {params / 1e6:.0f} M matrix ({128 * params * 4 / 2**30:.0f} GiB in float32). "
                 f"The warm Gaussian cache for these modules holds {cache / 2**20:.0f} MiB (k = {sketch.DEFAULT_K}).")
             del ld
+            if not sketch_helper.wait_ready():
+                print("warning: no sketch helper process: the SDXL rows are one process only")
             t = time_file(sdxl, args.sdxl_repeats, None, sdxl=True)
             rows += ratio_rows("SDXL-size (synthetic)", t, TARGET_SDXL, sdxl=True)
             splits.append(split_row("SDXL-size", t["wall"]))

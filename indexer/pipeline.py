@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from lorasearch import sketch_helper
 from lorasearch.collection_map import update_maps
 from lorasearch.delta import LoraDelta, without_values
 from lorasearch.embed import Embedding
@@ -262,7 +263,13 @@ def single_threaded_children() -> Iterator[None]:
 
 def _new_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                               max_tasks_per_child=MAX_TASKS_PER_CHILD)
+                               max_tasks_per_child=MAX_TASKS_PER_CHILD, initializer=_worker_init, initargs=(workers,))
+
+
+def _worker_init(workers: int) -> None:
+    """No sketch helper process per worker unless there is a spare core for each (the workers are the parallelism)."""
+    if 2 * workers > sketch_helper.cores():
+        os.environ[sketch_helper.ENV] = "0"
 
 
 class _PoolRunner:

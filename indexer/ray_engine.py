@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from lorasearch import sketch_helper
 from lorasearch.sketch import DEFAULT_DIM, DEFAULT_K
 from lorasearch.store import IndexPolicy, Store, record_from
 
@@ -55,7 +56,8 @@ def embed_batch(items: Sequence[WorkItem], folder: str, sid: str, k: int, dim: i
     t0 = time.perf_counter()
     shard = sh.Shard(items=[it.key for it in items])
     for it in items:
-        res = process_item(it, k, dim)
+        with sketch_helper.disabled():  # Ray gave this task one CPU: no second process beside it
+            res = process_item(it, k, dim)
         try:
             if res.error is not None or res.ld is None or res.emb is None:
                 raise ValueError(res.error or f"{it.path}: no result")

@@ -135,9 +135,23 @@ def embed(ld: LoraDelta, k: int = DEFAULT_K, dim: int = DEFAULT_DIM,
     Returns:
         the Embedding (modules that need the base weights are not sketched).
     """
-    sketches = sketch_lora(ld, k, prepare)
+    return embedding_of(ld.family, k, dim, sketch_lora(ld, k, prepare))
+
+
+def embedding_of(family: str, k: int, dim: int, sketches: dict[str, np.ndarray]) -> Embedding:
+    """The Embedding of ready module sketches (their norms and view vectors added).
+
+    Args:
+        family: the family the sketches were seeded with.
+        k: sketch size.
+        dim: view vector length.
+        sketches: canonical module name -> k×k sketch, in module order.
+
+    Returns:
+        the Embedding.
+    """
     norms = sketch_norms(sketches)
-    return Embedding(ld.family, k, dim, sketches, norms, view_vectors(sketches, norms, dim))
+    return Embedding(family, k, dim, sketches, norms, view_vectors(sketches, norms, dim))
 
 
 def sketch_cosine(

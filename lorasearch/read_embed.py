@@ -9,25 +9,43 @@ is sketched, while it is still in cache: into its place in the file's float32
 buffer when the caller keeps the factors, else into a small buffer reused
 module after module. The sketches and vectors are the same, bit for bit: the
 same cast gives the same values, and the same products run on them.
+
+On a large file, part of the modules is sketched meanwhile by a helper
+process on the other core (``lorasearch.sketch_helper``), which reads their
+factors from the file itself; and Python's cyclic garbage collector is paused
+while the header's ~10,000 small objects are made and dropped (its full
+passes over a busy worker's heap cost as much as the parse).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import gc
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
+from lorasearch import sketch_helper
 from lorasearch.delta import Delta, Factored, LoraDelta, without_values
-from lorasearch.embed import Embedding, embed
+from lorasearch.embed import Embedding, embed, embedding_of
 from lorasearch.formats.load import opened_lora
-from lorasearch.formats.safetensors_file import DEFAULT_MAX_FILE_BYTES
-from lorasearch.sketch import DEFAULT_DIM, DEFAULT_K, is_stacked
+from lorasearch.formats.safetensors_file import DEFAULT_MAX_FILE_BYTES, SafetensorsFile
+from lorasearch.sketch import DEFAULT_DIM, DEFAULT_K, is_stacked, sketch_lora, sketch_shape
+
+# Files from this size share their modules with the helper process (below it the
+# job's round trip is a visible share of the work).
+HELPER_MIN_BYTES = 64 << 20
+# The helper's share of the factor elements: it also reads its factors from the
+# file, so it gets a little less than half (measured: 0.45 made both finish together).
+HELPER_SHARE = 0.45
 
 
 def load_and_embed(
     path: str | Path, k: int = DEFAULT_K, dim: int = DEFAULT_DIM, hashes: bool = True,
     config: str | Path | dict[str, Any] | None = None, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
-    keep_factors: bool = True,
+    keep_factors: bool = True, helper: bool | None = None,
 ) -> tuple[LoraDelta, Embedding]:
     """``(ld, embed(ld, k, dim))`` for ``ld = load_lora(path, config, max_bytes, hashes)``, streamed.
 
@@ -41,6 +59,8 @@ def load_and_embed(
         keep_factors: return the LoraDelta with its factor values. False returns
             ``without_values(ld)`` (what the indexer stores) and widens each deferred
             factor into a small reused buffer instead of the file's float32 buffer.
+        helper: let a helper process sketch part of the modules (only with
+            ``keep_factors=False``); None: when the file is at least ``HELPER_MIN_BYTES``.
 
     Returns:
         the LoraDelta and its Embedding.
@@ -48,7 +68,7 @@ def load_and_embed(
     Raises:
         BadInput: as ``load_lora`` (a NaN/Inf factor is reported when its module is reached).
     """
-    with opened_lora(path, config, max_bytes, hashes, defer=True) as (ld, st):
+    with _gc_paused(), opened_lora(path, config, max_bytes, hashes, defer=True) as (ld, st):
         if not st.unfilled:
             return (ld if keep_factors else without_values(ld)), embed(ld, k, dim)
         if keep_factors:
@@ -60,32 +80,107 @@ def load_and_embed(
             emb = embed(ld, k, dim, prepare)
             st.fill_all()
             return ld, emb
-        scratch = _Scratch()
-
-        def in_scratch(arr: np.ndarray, i: int) -> np.ndarray:
-            got = st.widen_into(arr, scratch.get(i, arr.size))
-            if got is None:  # not one deferred tensor (or already written): its own values
-                st.fill(arr)
-                return arr
-            return got
-
-        def prepare_once(d: Delta) -> None:
-            if not isinstance(d, Factored):
-                return
-            if is_stacked(d):  # multiplied in one stack with others: written in place
-                st.fill(d.up)
-                st.fill(d.down)
-                return
-            # the module's factors now point at the scratch buffers, overwritten by the next module:
-            # this LoraDelta is replaced by its summary below
-            d.up = in_scratch(d.up, 0)
-            d.down = in_scratch(d.down, 1)
-
-        emb = embed(ld, k, dim, prepare_once)
+        use_helper = st.size >= HELPER_MIN_BYTES if helper is None else helper
+        emb = embedding_of(ld.family, k, dim, _sketch_streamed(ld, st, k, use_helper))
         if not all(np.isfinite(z).all() for z in emb.sketches.values()):
             st.check_consumed()  # raises non_finite naming the tensor
         st.fill_all()  # tensors no sketch used are still checked
         return without_values(ld), emb
+
+
+def _sketch_streamed(ld: LoraDelta, st: SafetensorsFile, k: int, use_helper: bool) -> dict[str, np.ndarray]:
+    """Every module's sketch, each widened into a reused buffer right before it is
+    sketched; part of them sketched by the helper process when one is free."""
+    scratch = _Scratch()
+
+    def in_scratch(arr: np.ndarray, i: int) -> np.ndarray:
+        got = st.widen_into(arr, scratch.get(i, arr.size))
+        if got is None:  # not one deferred tensor (or already written): its own values
+            st.fill(arr)
+            return arr
+        return got
+
+    def prepare_once(d: Delta) -> None:
+        if not isinstance(d, Factored):
+            return
+        if is_stacked(d):  # multiplied in one stack with others: written in place
+            st.fill(d.up)
+            st.fill(d.down)
+            return
+        # the module's factors now point at the scratch buffers, overwritten by the next module:
+        # the caller replaces this LoraDelta by its summary
+        d.up = in_scratch(d.up, 0)
+        d.down = in_scratch(d.down, 1)
+
+    def sketch_of(names: set[str]) -> dict[str, np.ndarray]:
+        mods = {n: d for n, d in ld.modules.items() if n in names}
+        return sketch_lora(dataclasses.replace(ld, modules=mods), k, prepare_once)
+
+    helper = sketch_helper.get() if use_helper else None
+    if helper is None:
+        return sketch_lora(ld, k, prepare_once)
+    try:
+        items = _helper_items(ld, st)
+        fst = os.fstat(st.fileno())
+    except BaseException:
+        helper.release()
+        raise
+    if not items:
+        helper.release()
+        return sketch_lora(ld, k, prepare_once)
+    identity = (fst.st_dev, fst.st_ino, fst.st_size, fst.st_mtime_ns)
+    if not helper.submit(os.path.abspath(st.path), identity, st.data_start, ld.family, k, items):
+        return sketch_lora(ld, k, prepare_once)
+    theirs = {it[0] for it in items}
+    try:
+        out = sketch_of(set(ld.modules) - theirs)
+    except BaseException:
+        with contextlib.suppress(RuntimeError):
+            helper.result()  # the pipe must not keep this job's answer for the next one
+        raise
+    try:
+        got = helper.result()
+    except RuntimeError:  # sketched here instead (their factors are still pending in st)
+        got = sketch_of(theirs)
+    else:
+        for n in theirs:
+            d = ld.modules[n]
+            st.consume(d.up)  # type: ignore[union-attr]
+            st.consume(d.down)  # type: ignore[union-attr]
+    out.update(got)
+    return {n: out[n] for n in ld.modules if n in out}
+
+
+def _helper_items(ld: LoraDelta, st: SafetensorsFile) -> list[sketch_helper.Item]:
+    """The modules the helper sketches: about ``HELPER_SHARE`` of the deferred factor elements,
+    taken in module order whenever its share lags (the same modules every time: warm caches)."""
+    items: list[sketch_helper.Item] = []
+    mine = theirs = 0
+    for name, d in ld.modules.items():
+        if not isinstance(d, Factored) or is_stacked(d):
+            continue
+        size = d.up.size + d.down.size
+        if theirs < HELPER_SHARE * (mine + theirs):
+            up, down = st.deferred_spec(d.up), st.deferred_spec(d.down)
+            if up is not None and down is not None and up[1] != down[1]:
+                p, q = sketch_shape(d)
+                items.append((name, p, q, d.scale, up, down))
+                theirs += size
+                continue
+        mine += size
+    return items
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside the block (reference counting still frees everything)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 class _Scratch:

@@ -310,7 +310,7 @@ def fold(sketches: Mapping[str, np.ndarray], dim: int = DEFAULT_DIM, weights: Ma
 
 
 def _signed(sketches: Mapping[str, np.ndarray], dim: int, s: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Every sketch entry times its bucket signs (M, k², s) float64, and the slotted buckets; None for mixed sizes."""
+    """Every sketch entry times its bucket signs (M, k², s) float64, and the buckets; None for mixed sizes."""
     zs = list(sketches.values())
     shape = zs[0].shape if zs else None
     if not zs or len(shape) != 2 or shape[0] != shape[1] or any(z.shape != shape for z in zs):
@@ -323,45 +323,44 @@ def _fold_signed(signed: np.ndarray, idx: np.ndarray, w: np.ndarray, dim: int) -
     """One weighting of ``_signed``'s products, folded.
 
     Bit for bit what ``_fold_loop`` computes: the same float64 products
-    ``(z·sign)·w``; one bincount with every module in its own D-slot gives
-    each module's own bincount row, and a reduction over axis 0 adds those
-    rows in module order, as the loop's ``out +=`` does.
+    ``(z·sign)·w``, added into their buckets one by one in module order by one
+    ``bincount`` (a D-long output: no per-module rows to allocate and reduce).
     """
-    m = len(w)
     keep = np.flatnonzero(w != 0.0)
     if not keep.size:
         return np.zeros(dim, dtype=np.float32)
-    if keep.size == m:
+    if keep.size == len(w):
         vals, cells = signed * w[:, None, None], idx
     else:
         vals, cells = signed[keep] * w[keep, None, None], idx[keep]
-    rows = np.bincount(cells.ravel(), weights=vals.ravel(), minlength=m * dim)
-    return np.add.reduce(rows.reshape(m, dim), axis=0).astype(np.float32)
+    return np.bincount(cells.ravel(), weights=vals.ravel(), minlength=dim).astype(np.float32)
 
 
 def _fold_loop(sketches: Mapping[str, np.ndarray], dim: int, weights: Mapping[str, float] | None, s: int) -> np.ndarray:
-    """``fold`` one module at a time (sketches of mixed sizes)."""
-    out = np.zeros(dim, dtype=np.float64)
+    """``fold`` of sketches of mixed sizes: every module's products, in module order, into one ``bincount``."""
+    cells: list[np.ndarray] = []
+    vals: list[np.ndarray] = []
     for name, z in sketches.items():
-        k = z.shape[0]
-        idx, sign = _buckets(name, k, dim, s)
         w = 1.0 if weights is None else weights.get(name, 0.0)
         if w == 0.0:
             continue
-        vals = (z.reshape(-1, 1).astype(np.float64) * sign) * w
-        out += np.bincount(idx.ravel(), weights=vals.ravel(), minlength=dim)
-    return out.astype(np.float32)
+        idx, sign = _buckets(name, z.shape[0], dim, s)
+        cells.append(idx.ravel())
+        vals.append(((z.reshape(-1, 1).astype(np.float64) * sign) * w).ravel())
+    if not cells:
+        return np.zeros(dim, dtype=np.float32)
+    return np.bincount(np.concatenate(cells), weights=np.concatenate(vals), minlength=dim).astype(np.float32)
 
 
 @lru_cache(maxsize=4)  # the views of one LoRA fold the same modules; ~3 MiB per SDXL-size entry
 def _stacked_buckets(names: tuple[str, ...], k: int, dim: int, s: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every module's buckets (offset by its slot: module j uses ``[j·D, (j+1)·D)``) and signs, stacked.
+    """Every module's buckets and signs, stacked.
 
     Returns:
         bucket indices (M, k², s) int64 and signs (M, k², s) float32, read-only.
     """
     parts = [_buckets(n, k, dim, s) for n in names]
-    idx = np.stack([p[0] for p in parts]) + (np.arange(len(names), dtype=np.int64) * dim)[:, None, None]
+    idx = np.stack([p[0] for p in parts])
     sign = np.stack([p[1] for p in parts])
     idx.setflags(write=False)
     sign.setflags(write=False)

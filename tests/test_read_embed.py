@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from lorasearch import sketch
+from lorasearch import read_embed, sketch, sketch_helper
 from lorasearch.embed import embed
 from lorasearch.errors import BadInput
 from lorasearch.formats import buffer_pool, load_lora, safetensors_file
@@ -171,3 +172,94 @@ def test_prefetch_reports_a_file_cut_after_opening(tmp_path: Path, defer_everyth
         st.hashes()
     st.close()
     assert e.value.code == "truncated"
+
+
+def test_fill_writes_a_tensor_another_view_consumed(tmp_path: Path, defer_everything: None) -> None:
+    """Two modules sharing one fused tensor: the first widens it elsewhere, the second still gets its values."""
+    path = _kohya_file(tmp_path, "F16")
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj.lora_up.weight"
+    with safetensors_file.SafetensorsFile(path) as st:
+        want = st.get(key).copy()
+    with safetensors_file.SafetensorsFile(path) as st:
+        st.defer = True
+        whole = st.get_deferred(key)
+        first, second = whole[:1280], whole[1280:]
+        assert st.widen_into(first, np.empty(want.size, np.float32)) is not None
+        st.fill(second)
+        assert np.array_equal(second, want[1280:])
+
+
+@pytest.fixture
+def helper() -> sketch_helper.SketchHelper:
+    """This process's sketch helper, started and ready (a real child process)."""
+    if not sketch_helper.enabled():
+        pytest.skip("the sketch helper needs two cores")
+    assert sketch_helper.wait_ready(120), "the sketch helper did not start"
+    h = sketch_helper.get()
+    assert h is not None
+    h.release()
+    return h
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["small-modules-stacked", "nothing-stacked"])
+def test_helper_gives_the_same_bits(tmp_path: Path, shared_loras: Path, shared_keys: Path, defer_everything: None,
+                                    monkeypatch: pytest.MonkeyPatch, helper: sketch_helper.SketchHelper,
+                                    stacked: bool) -> None:
+    if not stacked:
+        monkeypatch.setattr(sketch, "_BATCH_MAX", 0)
+    calls: list[int] = []
+    real_items = read_embed._helper_items
+
+    def counted(ld: Any, st: Any) -> list[Any]:
+        items = real_items(ld, st)
+        calls.append(len(items))
+        return items
+
+    monkeypatch.setattr(read_embed, "_helper_items", counted)
+    for path in _files(tmp_path, shared_loras, shared_keys):
+        e0 = embed(load_lora(path))
+        ld, e = load_and_embed(path, keep_factors=False, helper=True)
+        assert list(e.sketches) == list(e0.sketches)
+        for n, z in e0.sketches.items():
+            assert np.array_equal(e.sketches[n], z), (path.name, n)
+        for v, x in e0.vectors.items():
+            assert np.array_equal(e.vectors[v], x), (path.name, v)
+    assert sum(calls) > 0 and not helper.broken  # the helper did sketch modules
+
+
+def test_helper_that_dies_is_replaced_by_local_work(tmp_path: Path, defer_everything: None,
+                                                     helper: sketch_helper.SketchHelper) -> None:
+    path = _kohya_file(tmp_path, "F16", rank=64)
+    e0 = embed(load_lora(path))
+    helper._proc.kill()
+    helper._proc.wait()
+    _, e = load_and_embed(path, keep_factors=False, helper=True)
+    assert helper.broken
+    for n, z in e0.sketches.items():
+        assert np.array_equal(e.sketches[n], z), n
+    assert sketch_helper.wait_ready(120)  # a new one is started
+
+
+def test_helper_nan_is_reported_like_load_lora(tmp_path: Path, defer_everything: None,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               helper: sketch_helper.SketchHelper) -> None:
+    monkeypatch.setattr(read_embed, "HELPER_SHARE", 1.0)  # every module it can take, the NaN one included
+    path = _kohya_file(tmp_path, "F16", nan=True)
+    with pytest.raises(BadInput) as e:
+        load_lora(path)
+    with pytest.raises(BadInput) as e2:
+        load_and_embed(path, keep_factors=False, helper=True)
+    assert e2.value.code == "non_finite" and str(e2.value) == str(e.value)
+
+
+def test_helper_refuses_a_changed_file(tmp_path: Path) -> None:
+    path = _kohya_file(tmp_path, "F16")
+    st = path.stat()
+    with pytest.raises(OSError, match="changed"):
+        sketch_helper._sketch_job(str(path), (st.st_dev, st.st_ino, st.st_size + 1, st.st_mtime_ns), 8, "sd15", 8, [],
+                                  [np.empty(0, np.uint16), np.empty(0, np.float32)] * 2)
+
+
+def test_helper_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORASEARCH_SKETCH_HELPER", "0")
+    assert not sketch_helper.enabled() and sketch_helper.get() is None

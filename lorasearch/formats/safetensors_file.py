@@ -85,6 +85,8 @@ _ONE_PASS_MAX = 64 << 20  # data bytes up to which a one-type 16-bit file is wid
 _DIRECT_MAX = 64 << 10  # tensors up to this size are read on their own while a prefetch runs
 _PREFETCH_MIN = 16 << 20  # smaller data sections are read in the caller's thread (a thread costs more)
 _SCALAR_MAX = 8  # 16-bit tensors up to this many bytes are decoded on their own
+_F16_SCALAR = struct.Struct("<e")
+_F32_SCALAR = struct.Struct("<f")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -343,6 +345,12 @@ class SafetensorsFile:
         except OSError as exc:
             raise self._bad(f"read failed: {exc.strerror or exc}", "unreadable") from None
 
+    def fileno(self) -> int:
+        """The open file's descriptor."""
+        if self._fh is None:
+            raise ValueError(f"{self.path}: SafetensorsFile is closed")
+        return self._fh.fileno()
+
     def keys(self) -> list[str]:
         """Tensor names in header order."""
         return list(self.tensors)
@@ -463,6 +471,10 @@ class SafetensorsFile:
             BadInput: code ``non_finite``.
         """
         info = self.tensors[key]
+        if info.nbytes == 2 and info.dtype in _HALF:  # an alpha (one per module): plain Python is cheapest
+            one = self._scalar16(key, info)
+            if one is not None:
+                return one
         if info.dtype == "F32":
             arr = np.frombuffer(self._bytes(key, info), dtype=_F32).reshape(info.shape)
             arr.flags.writeable = False
@@ -500,6 +512,25 @@ class SafetensorsFile:
             raise self._bad(f"tensor {key!r} (F64) holds values beyond the float32 range", "non_finite")
         return out
 
+    def _scalar16(self, key: str, info: TensorInfo) -> np.ndarray | None:
+        """A one-value F16/BF16 tensor as float32, decoded with ``struct`` (exact); None when it
+        is not finite (``get``'s general path then raises with the usual message)."""
+        if self._data is None and self._prefetch is not None:
+            raw = self._pread(2, self.data_start + info.start)  # the section is still being read
+            if len(raw) != 2:
+                raise self._bad(f"truncated while reading {key!r} (the file changed after it was opened?)", "truncated")
+        else:
+            raw = bytes(self._bytes(key, info))
+        if info.dtype == "F16":
+            value = _F16_SCALAR.unpack(raw)[0]
+        else:
+            value = _F32_SCALAR.unpack(b"\0\0" + raw)[0]  # bfloat16 is the high half of a float32
+        if not math.isfinite(value):
+            return None
+        out = np.array(value, dtype=np.float32).reshape(info.shape)
+        out.flags.writeable = False
+        return out
+
     def get_deferred(self, key: str) -> np.ndarray:
         """``get`` for code that only reshapes, transposes or slices the array: a large
         F16/BF16 tensor comes back as its (still unwritten) place in the float32 buffer.
@@ -528,7 +559,7 @@ class SafetensorsFile:
         Raises:
             BadInput: ``non_finite``, naming the tensor.
         """
-        if not self._pending or self._widened is None or not arr.size:
+        if not (self._pending or self._consumed) or self._widened is None or not arr.size:
             return
         base = self._widened_ptr
         low, high = _byte_bounds(arr)
@@ -539,7 +570,9 @@ class SafetensorsFile:
         i = max(bisect.bisect_right(starts, lo) - 1, 0)
         while i < len(starts) and starts[i] < hi:
             first = starts[i]
-            entry = self._pending.get(first)
+            # a tensor widened elsewhere (widen_into, consume) for another module that shares it
+            # is still unwritten here
+            entry = self._pending.get(first) or self._consumed.get(first)
             if entry is not None and first + entry[1].nbytes // 2 > lo:
                 self._fill_one(first, *entry)
             i += 1
@@ -560,22 +593,13 @@ class SafetensorsFile:
         Returns:
             the view over ``scratch``, or None when ``arr`` is not such a view.
         """
-        if not self._pending or self._widened is None or not arr.size or arr.dtype != np.float32:
+        found = self._deferred_tensor(arr)
+        if found is None:
             return None
+        first, ptr = found
+        entry = self._pending[first]
+        info = entry[1]
         base = self._widened_ptr
-        ptr = arr.__array_interface__["data"][0]
-        entry = self._pending.get((ptr - base) // 4) if arr.flags.c_contiguous else None
-        if entry is not None:  # the usual case: the whole tensor, reshaped
-            first = (ptr - base) // 4
-            low, high = ptr, ptr + arr.nbytes
-        else:
-            low, high = _byte_bounds(arr)
-            i = bisect.bisect_right(self._pending_starts, (low - base) // 4) - 1
-            first = self._pending_starts[i] if i >= 0 else -1
-            entry = self._pending.get(first)
-        if entry is None or low < base + 4 * first or high > base + 4 * first + 2 * entry[1].nbytes:
-            return None
-        key, info = entry
         n = info.nbytes // 2
         if scratch.size < n:
             return None
@@ -590,6 +614,52 @@ class SafetensorsFile:
             return scratch[:n].reshape(arr.shape)
         return np.ndarray(arr.shape, dtype=np.float32, buffer=scratch, offset=ptr - (base + 4 * first),
                           strides=arr.strides)
+
+    def _deferred_tensor(self, arr: np.ndarray) -> tuple[int, int] | None:
+        """(first float32 index, address of ``arr``'s first value) of the one pending tensor
+        ``arr`` lies inside, or None (not a view of one deferred tensor, or already written)."""
+        if not self._pending or self._widened is None or not arr.size or arr.dtype != np.float32:
+            return None
+        base = self._widened_ptr
+        ptr = arr.__array_interface__["data"][0]
+        first = (ptr - base) // 4
+        entry = self._pending.get(first) if arr.flags.c_contiguous else None
+        if entry is not None:  # the usual case: the whole tensor, reshaped
+            low, high = ptr, ptr + arr.nbytes
+        else:
+            low, high = _byte_bounds(arr)
+            i = bisect.bisect_right(self._pending_starts, (low - base) // 4) - 1
+            first = self._pending_starts[i] if i >= 0 else -1
+            entry = self._pending.get(first)
+        if entry is None or low < base + 4 * first or high > base + 4 * first + 2 * entry[1].nbytes:
+            return None
+        return first, ptr
+
+    def deferred_spec(self, arr: np.ndarray) -> tuple[str, int, int, int, tuple[int, ...], tuple[int, ...]] | None:
+        """Where ``arr``'s values are in the file, for another process that reads them itself
+        (``lorasearch.sketch_helper``); None when ``arr`` is not inside one pending deferred tensor.
+
+        Returns:
+            (dtype, byte offset of the tensor in the data section, its element count,
+            ``arr``'s offset into it in elements, ``arr``'s shape, its strides in elements).
+        """
+        found = self._deferred_tensor(arr)
+        if found is None:
+            return None
+        first, ptr = found
+        info = self._pending[first][1]
+        offset = (ptr - (self._widened_ptr + 4 * first)) // 4
+        return (info.dtype, info.start, info.nbytes // 2, offset, tuple(arr.shape), tuple(s // 4 for s in arr.strides))
+
+    def consume(self, arr: np.ndarray) -> bool:
+        """Mark the deferred tensor ``arr`` lies in as used elsewhere (another process
+        sketched it): no longer pending, and checked by ``check_consumed`` like the
+        tensors ``widen_into`` widened. Returns whether there was one."""
+        found = self._deferred_tensor(arr)
+        if found is None:
+            return False
+        self._consumed[found[0]] = self._pending.pop(found[0])
+        return True
 
     def check_consumed(self) -> None:
         """Check every tensor ``widen_into`` used for NaN/Inf (raises ``non_finite`` naming it)."""
@@ -607,7 +677,8 @@ class SafetensorsFile:
         return len(self._pending)
 
     def _fill_one(self, first: int, key: str, info: TensorInfo) -> None:
-        del self._pending[first]
+        self._pending.pop(first, None)
+        self._consumed.pop(first, None)  # written and checked here
         self._check_finite(key, info, self._widen(key, info))
 
     def _f32_clean(self) -> bool:

@@ -1,0 +1,327 @@
+"""A second process that sketches part of a large LoRA's modules, on the other core.
+
+Sketching an SDXL-size LoRA is ~1,000 modules, each a few tens of microseconds
+of widening and BLAS between a few microseconds of Python. Threads cannot
+share that work: numpy holds the GIL through small products and a thread
+that re-takes the GIL after every C call waits on the other (measured: two
+threads ran 0.93× one). A process has its own GIL: the streaming reader
+(``lorasearch.read_embed``) sends this helper the file's identity and, for
+part of the modules, where their 16-bit factors lie in the file; the helper
+reads those bytes itself (``pread``, no mmap: a file cut meanwhile gives a
+short read, not SIGBUS), widens and sketches them with the same functions,
+and sends back the k×k sketches. They are the same bits as sketched in the
+caller (exact casts, the same products on the same shapes).
+
+The helper starts in the background on first use (the caller does all the
+work itself until it is ready), keeps its own Gaussian cache, exits when its
+parent's pipe closes, and is given up (the caller working alone) on any
+error. ``LORASEARCH_SKETCH_HELPER=0`` turns it off; it is never used on a
+one-core machine. Messages are length-prefixed pickles between this process
+and its own child (no file content is ever unpickled).
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import pickle
+import select
+import struct
+import subprocess
+import sys
+import threading
+from typing import IO, Any, Iterator, Sequence
+
+import numpy as np
+
+# (dtype, byte offset in the data section, elements, view offset in elements, shape, strides in elements)
+Spec = tuple[str, int, int, int, tuple[int, ...], tuple[int, ...]]
+# (module, p, q, scale, up spec, down spec)
+Item = tuple[str, int, int, float, Spec, Spec]
+
+ENV = "LORASEARCH_SKETCH_HELPER"  # "0" turns the helper off in this process and its children
+_LEN = struct.Struct("<Q")
+
+
+def _send(fh: IO[bytes], obj: Any) -> None:
+    blob = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    fh.write(_LEN.pack(len(blob)) + blob)
+    fh.flush()
+
+
+def _recv(fh: IO[bytes]) -> Any:
+    head = fh.read(_LEN.size)
+    if len(head) < _LEN.size:
+        raise EOFError("sketch helper pipe closed")
+    (n,) = _LEN.unpack(head)
+    blob = fh.read(n)
+    if len(blob) < n:
+        raise EOFError("sketch helper pipe closed")
+    return pickle.loads(blob)
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """No helper inside the block (this thread's caller was given one core)."""
+    old = os.environ.get(ENV)
+    os.environ[ENV] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = old
+
+
+def enabled() -> bool:
+    """Whether this process may use a helper (a second core, and not turned off)."""
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return cores() >= 2
+
+
+class SketchHelper:
+    """The client side: one child process, one job at a time."""
+
+    def __init__(self) -> None:
+        env = dict(os.environ)
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = "1"  # it is the second core
+        if "torch" in sys.modules:  # the caller widens with torch's cast: so does the helper (same values)
+            env["LORASEARCH_HELPER_TORCH"] = "1"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "lorasearch.sketch_helper"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env=env, close_fds=True,
+        )
+        self._ready = False
+        self._busy = threading.Lock()
+        self.broken = False
+
+    def ready(self) -> bool:
+        """Whether the child has started (never blocks)."""
+        if self._ready or self.broken:
+            return self._ready and not self.broken
+        out = self._proc.stdout
+        assert out is not None
+        try:
+            if not select.select([out], [], [], 0)[0]:
+                return False
+            self._ready = _recv(out) == "ready"
+        except (OSError, EOFError, pickle.UnpicklingError):
+            self._ready = False
+        if not self._ready:
+            self.close()
+        return self._ready
+
+    def acquire(self) -> bool:
+        """Take the helper for one job (False: not ready, broken, or busy with another thread's)."""
+        return self.ready() and self._busy.acquire(blocking=False)
+
+    def release(self) -> None:
+        """Give the helper back without a job."""
+        self._busy.release()
+
+    def submit(self, path: str, identity: tuple[int, ...], data_start: int, family: str, k: int,
+               items: Sequence[Item]) -> bool:
+        """Send one job (the caller holds ``acquire``); its answer is read by ``result``.
+
+        Returns:
+            False when the helper is gone (it is then closed and released: no ``result``).
+        """
+        try:
+            assert self._proc.stdin is not None
+            _send(self._proc.stdin, ("sketch", path, identity, data_start, family, k, list(items)))
+            return True
+        except (OSError, ValueError):
+            self.close()
+            self._busy.release()
+            return False
+
+    def result(self) -> dict[str, np.ndarray]:
+        """The sketches of the submitted job; releases the helper.
+
+        Raises:
+            RuntimeError: the helper failed (it is then closed for good).
+        """
+        try:
+            assert self._proc.stdout is not None
+            status, payload = _recv(self._proc.stdout)
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+            self.close()
+            raise RuntimeError(f"sketch helper failed: {exc}") from None
+        finally:
+            self._busy.release()
+        if status != "ok":
+            raise RuntimeError(f"sketch helper: {payload}")
+        return payload
+
+    def clear_caches(self) -> None:
+        """Empty the helper's Gaussian cache too (benchmarks of a cold worker)."""
+        if not self.acquire():
+            return
+        try:
+            assert self._proc.stdin is not None and self._proc.stdout is not None
+            _send(self._proc.stdin, ("clear",))
+            _recv(self._proc.stdout)
+        except (OSError, EOFError, pickle.UnpicklingError):
+            self.close()
+        finally:
+            self._busy.release()
+
+    def close(self) -> None:
+        """Stop the child (idempotent); this helper is not used again."""
+        self.broken = True
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        for fh in (self._proc.stdin, self._proc.stdout):
+            if fh is not None:
+                with contextlib.suppress(OSError):
+                    fh.close()
+
+
+_helper: SketchHelper | None = None
+_starts = 0
+_MAX_STARTS = 3  # a helper that keeps failing is not started again in this process
+_start_lock = threading.Lock()
+
+
+def get() -> SketchHelper | None:
+    """This process's helper when it is ready and free (the caller then holds it).
+
+    Starts one in the background when there is none (or the last one failed), and
+    returns None until it is ready.
+    """
+    global _helper, _starts
+    if not enabled():
+        return None
+    helper = _helper
+    if helper is not None and not helper.broken:
+        return helper if helper.acquire() else None
+    if _starts >= _MAX_STARTS:
+        return None
+    with _start_lock:
+        if _helper is None or _helper.broken:
+            _starts += 1
+            try:
+                _helper = SketchHelper()
+            except OSError:
+                _starts = _MAX_STARTS
+                return None
+            atexit.register(_helper.close)
+    return None
+
+
+def wait_ready(timeout: float = 60.0) -> bool:
+    """Start the helper if needed and wait until it is ready (benchmarks: time its steady state).
+
+    Returns:
+        whether a helper is ready.
+    """
+    import time
+
+    helper = get()
+    if helper is not None:
+        helper.release()
+        return True
+    deadline = time.monotonic() + timeout
+    while _helper is not None and not _helper.broken and time.monotonic() < deadline:
+        if _helper.ready():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def clear_caches() -> None:
+    if _helper is not None and not _helper.broken:
+        _helper.clear_caches()
+
+
+# -- the child ------------------------------------------------------------------------------------
+
+def _pread_exact(fd: int, buf: np.ndarray, offset: int) -> None:
+    view = memoryview(buf).cast("B")
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if not got:
+            raise OSError(f"short read at byte {offset + done} (the file changed?)")
+        done += got
+
+
+def _sketch_job(path: str, identity: tuple[int, ...], data_start: int, family: str, k: int,
+                items: list[Item], scratch: list[np.ndarray]) -> dict[str, np.ndarray]:
+    from lorasearch.delta import Factored
+    from lorasearch.formats.safetensors_file import _widen_into
+    from lorasearch.sketch import gaussian, module_sketch
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != tuple(identity):
+            raise OSError("the file changed after the caller opened it")
+
+        def factor(spec: Spec, i: int) -> np.ndarray:
+            dtype, start, n, offset, shape, strides = spec
+            if scratch[2 * i].size < n:
+                scratch[2 * i] = np.empty(max(n, 1 << 20), np.uint16)
+                scratch[2 * i + 1] = np.empty(max(n, 1 << 20), np.float32)
+            codes, out = scratch[2 * i][:n], scratch[2 * i + 1]
+            _pread_exact(fd, codes, data_start + start)
+            _widen_into(codes, out[:n], dtype)
+            return np.ndarray(shape, dtype=np.float32, buffer=out, offset=4 * offset,
+                              strides=tuple(4 * s for s in strides))
+
+        res: dict[str, np.ndarray] = {}
+        for name, p, q, scale, up, down in items:
+            d = Factored(factor(up, 0), factor(down, 1), scale)
+            res[name] = module_sketch(d, gaussian(family, name, (p, q), "L", p, k),
+                                      gaussian(family, name, (p, q), "R", q, k))
+        return res
+    finally:
+        os.close(fd)
+
+
+def main() -> None:
+    """The child's loop: answer jobs on stdin until it closes."""
+    if os.environ.get("LORASEARCH_HELPER_TORCH") == "1":
+        try:
+            import torch
+
+            torch.set_num_threads(1)
+        except ImportError:
+            pass
+    from lorasearch import sketch
+
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing else may write into the pipe
+    scratch = [np.empty(0, np.uint16), np.empty(0, np.float32), np.empty(0, np.uint16), np.empty(0, np.float32)]
+    _send(out, "ready")
+    while True:
+        try:
+            msg = _recv(inp)
+        except EOFError:
+            return
+        if msg[0] == "clear":
+            sketch.clear_caches()
+            _send(out, ("ok", None))
+            continue
+        try:
+            res = _sketch_job(*msg[1:], scratch)
+        except Exception as exc:  # noqa: BLE001 - the caller sketches these modules itself
+            _send(out, ("error", f"{exc.__class__.__name__}: {exc}"))
+            continue
+        _send(out, ("ok", res))
+
+
+if __name__ == "__main__":
+    main()
