@@ -372,11 +372,13 @@ def create_app(db: str | Path, max_upload_mb: float = 512, token_file: str | Pat
                   timing: Timing) -> dict[str, Any]:
         from lorasearch.search import query
 
+        from lorasearch.sketch import DEFAULT_DIM, DEFAULT_K
+
         timing.lap("wait")
-        ld = lu.load(settings.max_upload_bytes, hashes=hashes)
+        ld, emb = lu.load_and_embed(settings.max_upload_bytes, hashes, st.k or DEFAULT_K, st.dim or DEFAULT_DIM)
         timing.lap("load")
         try:
-            res = query(st, ld, view=view, k=k, groups=groups or None, cache=cache)
+            res = query(st, ld, view=view, k=k, groups=groups or None, cache=cache, embedding=emb)
         except BadInput as exc:
             raise from_bad_input(exc, lu.replacements()) from None
         timing.lap("search")

@@ -27,7 +27,7 @@ import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Sequence
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -37,6 +37,9 @@ from api.errors import ApiError, from_bad_input
 from lorasearch.delta import LoraDelta
 from lorasearch.errors import BadInput
 from lorasearch.formats.safetensors_file import MAX_HEADER_BYTES, PICKLE_SUFFIXES
+
+if TYPE_CHECKING:
+    from lorasearch.embed import Embedding
 
 CONFIG_MAX_BYTES = 1 << 20  # an adapter_config.json is a few KB
 SIDE_MAX_BYTES = 1 << 20  # README.md and other ignored parts of a PEFT folder
@@ -130,6 +133,24 @@ class LoraUpload:
         cfg = self.config.path if self.config is not None else None
         try:
             return load_lora(self.weights.path, config=cfg, max_bytes=max_bytes, hashes=hashes)
+        except BadInput as exc:
+            raise from_bad_input(exc, self.replacements()) from None
+
+    def load_and_embed(self, max_bytes: int, hashes: bool, k: int, dim: int) -> tuple[LoraDelta, Embedding]:
+        """``load`` and the embedding in one streaming pass (``lorasearch.read_embed.load_and_embed``).
+
+        Args:
+            max_bytes: size cap of the weights file.
+            hashes: compute sha256 / AutoV2 / AutoV3 (None otherwise).
+            k: sketch size.
+            dim: view vector length.
+        """
+        from lorasearch.read_embed import load_and_embed
+
+        assert self.weights.path is not None
+        cfg = self.config.path if self.config is not None else None
+        try:
+            return load_and_embed(self.weights.path, k=k, dim=dim, hashes=hashes, config=cfg, max_bytes=max_bytes)
         except BadInput as exc:
             raise from_bad_input(exc, self.replacements()) from None
 

@@ -275,7 +275,7 @@ def query(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable JSON."),
 ) -> None:
     """The indexed LoRAs closest to PATH, within its base-model family, best first."""
-    from lorasearch.formats import load_lora
+    from lorasearch.read_embed import load_and_embed
     from lorasearch.search import query as run_query
     from lorasearch.sketch import MODULE_GROUPS
 
@@ -284,10 +284,12 @@ def query(
     bad = [g for g in groups if g not in MODULE_GROUPS]
     if bad:
         raise BadInput(f"unknown module group {bad[0]!r} (choose from {', '.join(MODULE_GROUPS)})", code="bad_parameter")
-    ld = load_lora(path)
+    # read and embedded in one streaming pass (the store's k and D are checked by run_query);
+    # the query file is not hashed: nothing in the answer needs its identity
+    ld, emb = load_and_embed(path, hashes=False)
     store = _open_store(db)
     try:
-        res = run_query(store, ld, view=view, k=k, groups=groups or None)
+        res = run_query(store, ld, view=view, k=k, groups=groups or None, embedding=emb)
     finally:
         store.close()
     res.setdefault("query", str(path))

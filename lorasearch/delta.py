@@ -9,6 +9,7 @@ update hold the same LoraDelta.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, ClassVar, Union
 
 import numpy as np
@@ -207,7 +208,7 @@ def _rank_stub(r: int) -> Factored:
 def _stub(d: Delta) -> Delta:
     """A delta with the same kind, rank, scale and shape, and no values."""
     if isinstance(d, Factored):
-        return Factored(np.zeros((0, d.rank), np.float32), np.zeros((d.rank, 0), np.float32), d.scale, d.shape)
+        return Factored(*_no_factors(d.rank), d.scale, d.shape)
     if isinstance(d, Kronecker):
         r1 = d.w1.rank if isinstance(d.w1, Factored) else min(side_shape(d.w1))
         r2 = d.w2.rank if isinstance(d.w2, Factored) else min(side_shape(d.w2))
@@ -218,6 +219,14 @@ def _stub(d: Delta) -> Delta:
 
 
 _EMPTY = np.zeros(0, np.float32)
+
+
+@lru_cache(maxsize=256)
+def _no_factors(rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Empty ``0 x r`` and ``r x 0`` factors, shared by every stub of that rank (read-only)."""
+    up, down = np.zeros((0, rank), np.float32), np.zeros((rank, 0), np.float32)
+    up.flags.writeable = down.flags.writeable = False
+    return up, down
 
 
 def without_values(ld: LoraDelta) -> LoraDelta:

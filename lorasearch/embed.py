@@ -13,6 +13,7 @@ Pure: no I/O. The sketch maths lives in ``lorasearch.sketch``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -111,15 +112,23 @@ def view_vectors(sketches: Mapping[str, np.ndarray], norms: Mapping[str, float],
         return {}
     # one fold_many for every view: the signed products and buckets are formed once
     # (each vector is bit for bit what its own delta_vector / style_vector call gives)
-    inv = {n: 1.0 / norms[n] for n in live}
-    weights: dict[str, Mapping[str, float] | None] = {VIEW_DELTA: None, VIEW_STYLE: inv}
-    member = {n: module_groups(n) for n in inv}
-    for g, name in GROUP_VIEWS.items():
-        if any(g in m for m in member.values()):
-            weights[name] = {n: (x if g in member[n] else 0.0) for n, x in inv.items()}
+    inv = 1.0 / np.array([norms[n] for n in live], dtype=np.float64)
+    weights: dict[str, np.ndarray | None] = {VIEW_DELTA: None, VIEW_STYLE: inv}
+    member = _group_members(tuple(live))
+    for j, name in enumerate(GROUP_VIEWS.values()):
+        if member[:, j].any():
+            weights[name] = np.where(member[:, j], inv, 0.0)
     folded = fold_many(live, list(weights.values()), dim)
     out = {v: normalise(x) for v, x in zip(weights, folded)}
     return {v: x.astype(np.float32) for v, x in out.items() if float(np.linalg.norm(x)) > 0}
+
+
+@lru_cache(maxsize=8)  # the same module set file after file
+def _group_members(names: tuple[str, ...]) -> np.ndarray:
+    """(modules × GROUPS) booleans: which module belongs to which group (read-only)."""
+    out = np.array([[g in module_groups(n) for g in GROUPS] for n in names], dtype=bool).reshape(len(names), len(GROUPS))
+    out.setflags(write=False)
+    return out
 
 
 def embed(ld: LoraDelta, k: int = DEFAULT_K, dim: int = DEFAULT_DIM,

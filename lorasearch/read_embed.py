@@ -10,17 +10,21 @@ buffer when the caller keeps the factors, else into a small buffer reused
 module after module. The sketches and vectors are the same, bit for bit: the
 same cast gives the same values, and the same products run on them.
 
-On a large file, part of the modules is sketched meanwhile by a helper
-process on the other core (``lorasearch.sketch_helper``), which reads their
-factors from the file itself; and Python's cyclic garbage collector is paused
-while the header's ~10,000 small objects are made and dropped (its full
-passes over a busy worker's heap cost as much as the parse).
+Where this process may use a second core (``sketch_helper.enabled``): without
+hashes, part of a large file's modules is sketched meanwhile by a helper
+process (``lorasearch.sketch_helper``) that reads their factors from the file
+itself; with hashes, the two digests take that core instead (one thread
+each, beside the embedding: faster than the helper, since hashing costs
+more than sketching). Python's cyclic garbage collector is paused while the
+header's ~10,000 small objects are made and dropped (its full passes over a
+busy worker's heap cost as much as the parse).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import gc
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,15 +35,15 @@ from lorasearch import sketch_helper
 from lorasearch.delta import Delta, Factored, LoraDelta, without_values
 from lorasearch.embed import Embedding, embed, embedding_of
 from lorasearch.formats.load import opened_lora
-from lorasearch.formats.safetensors_file import DEFAULT_MAX_FILE_BYTES, SafetensorsFile
+from lorasearch.formats.safetensors_file import DEFAULT_MAX_FILE_BYTES, HASH_THREADS, SafetensorsFile
 from lorasearch.sketch import DEFAULT_DIM, DEFAULT_K, is_stacked, sketch_lora, sketch_shape
 
 # Files from this size share their modules with the helper process (below it the
 # job's round trip is a visible share of the work).
 HELPER_MIN_BYTES = 64 << 20
-# The helper's share of the factor elements: it also reads its factors from the
-# file, so it gets a little less than half (measured: 0.45 made both finish together).
-HELPER_SHARE = 0.45
+# The helper's share of the factor elements (measured on the SDXL-size file: 0.45
+# left the caller last, 0.55 the helper; 0.5 made both finish together).
+HELPER_SHARE = 0.5
 
 
 def load_and_embed(
@@ -59,8 +63,10 @@ def load_and_embed(
         keep_factors: return the LoraDelta with its factor values. False returns
             ``without_values(ld)`` (what the indexer stores) and widens each deferred
             factor into a small reused buffer instead of the file's float32 buffer.
-        helper: let a helper process sketch part of the modules (only with
-            ``keep_factors=False``); None: when the file is at least ``HELPER_MIN_BYTES``.
+        helper: let a helper process sketch part of the modules; None: when the file is
+            at least ``HELPER_MIN_BYTES``
+            and no hashes are asked for (with hashes, the second core hashes instead:
+            two hashing threads beside the embedding, measured faster than the helper).
 
     Returns:
         the LoraDelta and its Embedding.
@@ -68,30 +74,34 @@ def load_and_embed(
     Raises:
         BadInput: as ``load_lora`` (a NaN/Inf factor is reported when its module is reached).
     """
-    with _gc_paused(), opened_lora(path, config, max_bytes, hashes, defer=True) as (ld, st):
+    spare_core = sketch_helper.enabled()  # false where the caller was given one core (pool workers, Ray tasks)
+    hash_threads = 2 if spare_core else HASH_THREADS
+    with _gc_paused(), opened_lora(path, config, max_bytes, hashes, defer=True, hash_threads=hash_threads) as (ld, st):
         if not st.unfilled:
             return (ld if keep_factors else without_values(ld)), embed(ld, k, dim)
+        use_helper = (spare_core and not hashes and st.size >= HELPER_MIN_BYTES) if helper is None else helper
+        emb = embedding_of(ld.family, k, dim, _sketch_streamed(ld, st, k, use_helper, keep_factors))
         if keep_factors:
-            def prepare(d: Delta) -> None:
-                if isinstance(d, Factored):
-                    st.fill(d.up)
-                    st.fill(d.down)
-
-            emb = embed(ld, k, dim, prepare)
-            st.fill_all()
+            st.fill_all()  # tensors no sketch used (the helper's modules are written already)
             return ld, emb
-        use_helper = st.size >= HELPER_MIN_BYTES if helper is None else helper
-        emb = embedding_of(ld.family, k, dim, _sketch_streamed(ld, st, k, use_helper))
-        if not all(np.isfinite(z).all() for z in emb.sketches.values()):
+        if not all(map(math.isfinite, emb.norms.values())):  # a sketch is finite iff its norm is
             st.check_consumed()  # raises non_finite naming the tensor
         st.fill_all()  # tensors no sketch used are still checked
         return without_values(ld), emb
 
 
-def _sketch_streamed(ld: LoraDelta, st: SafetensorsFile, k: int, use_helper: bool) -> dict[str, np.ndarray]:
-    """Every module's sketch, each widened into a reused buffer right before it is
-    sketched; part of them sketched by the helper process when one is free."""
+def _sketch_streamed(ld: LoraDelta, st: SafetensorsFile, k: int, use_helper: bool,
+                     keep: bool) -> dict[str, np.ndarray]:
+    """Every module's sketch, each widened right before it is sketched (into its place in
+    the file's float32 buffer with ``keep``, else into a reused buffer); part of them
+    sketched by the helper process when one is free (``keep``: their factors are
+    written here meanwhile)."""
     scratch = _Scratch()
+
+    def fill(d: Delta) -> None:
+        if isinstance(d, Factored):
+            st.fill(d.up)
+            st.fill(d.down)
 
     def in_scratch(arr: np.ndarray, i: int) -> np.ndarray:
         got = st.widen_into(arr, scratch.get(i, arr.size))
@@ -109,16 +119,22 @@ def _sketch_streamed(ld: LoraDelta, st: SafetensorsFile, k: int, use_helper: boo
             return
         # the module's factors now point at the scratch buffers, overwritten by the next module:
         # the caller replaces this LoraDelta by its summary
+        pair = st.widen_pair_into(d.down, d.up, scratch.get(0, d.up.size + d.down.size))
+        if pair is not None:  # side by side in the file (kohya): one cast
+            d.down, d.up = pair
+            return
         d.up = in_scratch(d.up, 0)
         d.down = in_scratch(d.down, 1)
 
+    prepare = fill if keep else prepare_once
+
     def sketch_of(names: set[str]) -> dict[str, np.ndarray]:
         mods = {n: d for n, d in ld.modules.items() if n in names}
-        return sketch_lora(dataclasses.replace(ld, modules=mods), k, prepare_once)
+        return sketch_lora(dataclasses.replace(ld, modules=mods), k, prepare)
 
     helper = sketch_helper.get() if use_helper else None
     if helper is None:
-        return sketch_lora(ld, k, prepare_once)
+        return sketch_lora(ld, k, prepare)
     try:
         items = _helper_items(ld, st)
         fst = os.fstat(st.fileno())
@@ -127,13 +143,15 @@ def _sketch_streamed(ld: LoraDelta, st: SafetensorsFile, k: int, use_helper: boo
         raise
     if not items:
         helper.release()
-        return sketch_lora(ld, k, prepare_once)
+        return sketch_lora(ld, k, prepare)
     identity = (fst.st_dev, fst.st_ino, fst.st_size, fst.st_mtime_ns)
     if not helper.submit(os.path.abspath(st.path), identity, st.data_start, ld.family, k, items):
-        return sketch_lora(ld, k, prepare_once)
+        return sketch_lora(ld, k, prepare)
     theirs = {it[0] for it in items}
     try:
         out = sketch_of(set(ld.modules) - theirs)
+        if keep:
+            st.fill_all()  # the helper's modules' factors, written and checked while it sketches them
     except BaseException:
         with contextlib.suppress(RuntimeError):
             helper.result()  # the pipe must not keep this job's answer for the next one
@@ -143,10 +161,8 @@ def _sketch_streamed(ld: LoraDelta, st: SafetensorsFile, k: int, use_helper: boo
     except RuntimeError:  # sketched here instead (their factors are still pending in st)
         got = sketch_of(theirs)
     else:
-        for n in theirs:
-            d = ld.modules[n]
-            st.consume(d.up)  # type: ignore[union-attr]
-            st.consume(d.down)  # type: ignore[union-attr]
+        if not keep:  # checked through their sketches (check_consumed), never written here
+            st.consume(start for it in items for start in (it[4][1], it[5][1]))
     out.update(got)
     return {n: out[n] for n in ld.modules if n in out}
 

@@ -452,7 +452,8 @@ def families_to_search(store: Store, ld: LoraDelta) -> list[str]:
 
 
 def query(store: Store, ld: LoraDelta, view: str = VIEW_DELTA, k: int = 10, groups: Iterable[str] | None = None,
-          overfetch: int = 5, exact: bool = True, cache: DeltaCache | None = None) -> dict[str, Any]:
+          overfetch: int = 5, exact: bool = True, cache: DeltaCache | None = None,
+          embedding: Embedding | None = None) -> dict[str, Any]:
     """The indexed LoRAs closest to ``ld`` within its family (and families it cannot be told from).
 
     Args:
@@ -464,6 +465,8 @@ def query(store: Store, ld: LoraDelta, view: str = VIEW_DELTA, k: int = 10, grou
         overfetch: FAISS candidates per result before re-ranking.
         exact: re-rank ``delta`` exactly from the stored file copies (False: from sketches only).
         cache: loaded-candidate cache (a module-wide one by default).
+        embedding: ``ld``'s embedding if the caller has it already (``read_embed.load_and_embed``);
+            used when its k and D are the store's.
 
     Returns:
         ``{"family", "view", "exact", "families_searched", "results": [{"id", "name", "source", "path",
@@ -486,11 +489,11 @@ def query(store: Store, ld: LoraDelta, view: str = VIEW_DELTA, k: int = 10, grou
     if view == VIEW_PAPER:
         return _paper(store, ld, k)
     with one_blas_thread():
-        return _query(store, ld, view, label, k, gs, overfetch, exact, cache)
+        return _query(store, ld, view, label, k, gs, overfetch, exact, cache, embedding)
 
 
 def _query(store: Store, ld: LoraDelta, view: str, label: str, k: int, gs: tuple[str, ...] | None, overfetch: int,
-           exact: bool, cache: DeltaCache | None) -> dict[str, Any]:
+           exact: bool, cache: DeltaCache | None, embedding: Embedding | None = None) -> dict[str, Any]:
     """``query`` for the delta and style views, once the arguments are checked."""
     family = ld.family
     fams = families_to_search(store, ld)
@@ -502,7 +505,11 @@ def _query(store: Store, ld: LoraDelta, view: str, label: str, k: int, gs: tuple
     has_view = False
     for f in fams:
         qf = ld if f == family else dataclasses.replace(ld, family=f)
-        emb = embed(qf, k=int(store.k or 0), dim=int(store.dim or 0))
+        if (embedding is not None and f == family and embedding.family == family and embedding.k == store.k
+                and embedding.dim == store.dim):
+            emb = embedding
+        else:
+            emb = embed(qf, k=int(store.k or 0), dim=int(store.dim or 0))
         if not any(v in emb.vectors for v in views):
             continue
         has_view = True

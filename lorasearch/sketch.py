@@ -185,7 +185,13 @@ def sketch_norms(sketches: Mapping[str, np.ndarray]) -> dict[str, float]:
     sketch: 2× at r = 32, k = 8) and it makes every module's sketch exactly unit
     length in the style views.
     """
-    return {n: float(np.sqrt(np.sum(np.square(z, dtype=np.float64)))) for n, z in sketches.items()}
+    if not sketches:
+        return {}
+    zs = list(sketches.values())
+    if any(z.shape != zs[0].shape for z in zs):
+        return {n: float(np.sqrt(np.sum(np.square(z, dtype=np.float64)))) for n, z in sketches.items()}
+    sq = np.square(np.stack(zs).reshape(len(zs), -1), dtype=np.float64)
+    return dict(zip(sketches, np.sqrt(np.sum(sq, axis=1)).tolist()))
 
 
 @lru_cache(maxsize=64)  # one entry per batch shape of a family's usual module set (small modules only)
@@ -400,7 +406,8 @@ def style_vector(sketches: Mapping[str, np.ndarray], norms: Mapping[str, float],
     return normalise(fold(sketches, dim, weights))
 
 
-def fold_many(sketches: Mapping[str, np.ndarray], weights: Iterable[Mapping[str, float] | None], dim: int = DEFAULT_DIM,
+def fold_many(sketches: Mapping[str, np.ndarray], weights: Iterable[Mapping[str, float] | np.ndarray | None],
+              dim: int = DEFAULT_DIM,
               s: int = BUCKETS_PER_ENTRY) -> list[np.ndarray]:
     """``fold`` for several per-module weightings at once (the views of one LoRA).
 
@@ -410,7 +417,8 @@ def fold_many(sketches: Mapping[str, np.ndarray], weights: Iterable[Mapping[str,
 
     Args:
         sketches: module -> k×k sketch.
-        weights: one mapping per wanted vector (None: every module weight 1).
+        weights: one per wanted vector: a mapping module -> weight (missing: 0), an array of
+            weights in the order of ``sketches``, or None (every module weight 1).
         dim: output dimension D.
         s: buckets per sketch entry.
 
@@ -418,7 +426,8 @@ def fold_many(sketches: Mapping[str, np.ndarray], weights: Iterable[Mapping[str,
         one float32 vector per weighting (not normalised).
     """
     names = list(sketches)
-    ws = [np.array([1.0 if m is None else m.get(n, 0.0) for n in names], dtype=np.float64) for m in weights]
+    ws = [np.asarray(m, dtype=np.float64) if isinstance(m, np.ndarray)
+          else np.array([1.0 if m is None else m.get(n, 0.0) for n in names], dtype=np.float64) for m in weights]
     if not names:
         return [np.zeros(dim, dtype=np.float32) for _ in ws]
     signed = _signed(sketches, dim, s)

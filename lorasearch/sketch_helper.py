@@ -30,6 +30,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from typing import IO, Any, Iterator, Sequence
 
 import numpy as np
@@ -70,7 +71,7 @@ def cores() -> int:
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """No helper inside the block (this thread's caller was given one core)."""
+    """No helper inside the block (for a caller that was given one core)."""
     old = os.environ.get(ENV)
     os.environ[ENV] = "0"
     try:
@@ -98,13 +99,17 @@ class SketchHelper:
             env[var] = "1"  # it is the second core
         if "torch" in sys.modules:  # the caller widens with torch's cast: so does the helper (same values)
             env["LORASEARCH_HELPER_TORCH"] = "1"
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this lorasearch, however it was found
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "lorasearch.sketch_helper"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             env=env, close_fds=True,
         )
+        self.owner = os.getpid()  # a forked child must not talk through its parent's pipes
         self._ready = False
         self._busy = threading.Lock()
         self.broken = False
+        self.cpu_seconds = 0.0  # CPU time the child spent on jobs so far (benchmarks count it)
 
     def ready(self) -> bool:
         """Whether the child has started (never blocks)."""
@@ -154,8 +159,9 @@ class SketchHelper:
         """
         try:
             assert self._proc.stdout is not None
-            status, payload = _recv(self._proc.stdout)
-        except (OSError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+            status, payload, cpu = _recv(self._proc.stdout)
+            self.cpu_seconds += cpu
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as exc:
             self.close()
             raise RuntimeError(f"sketch helper failed: {exc}") from None
         finally:
@@ -180,6 +186,8 @@ class SketchHelper:
     def close(self) -> None:
         """Stop the child (idempotent); this helper is not used again."""
         self.broken = True
+        if self.owner != os.getpid():  # a forked copy: the child is the parent's to stop
+            return
         if self._proc.poll() is None:
             self._proc.kill()
         self._proc.wait()
@@ -205,6 +213,8 @@ def get() -> SketchHelper | None:
     if not enabled():
         return None
     helper = _helper
+    if helper is not None and helper.owner != os.getpid():  # forked: the helper is the parent's
+        _helper, _starts, helper = None, 0, None
     if helper is not None and not helper.broken:
         return helper if helper.acquire() else None
     if _starts >= _MAX_STARTS:
@@ -227,8 +237,6 @@ def wait_ready(timeout: float = 60.0) -> bool:
     Returns:
         whether a helper is ready.
     """
-    import time
-
     helper = get()
     if helper is not None:
         helper.release()
@@ -242,7 +250,8 @@ def wait_ready(timeout: float = 60.0) -> bool:
 
 
 def clear_caches() -> None:
-    if _helper is not None and not _helper.broken:
+    """Empty the helper's Gaussian cache (benchmarks of a cold worker); nothing without a helper."""
+    if _helper is not None and not _helper.broken and _helper.owner == os.getpid():
         _helper.clear_caches()
 
 
@@ -270,20 +279,30 @@ def _sketch_job(path: str, identity: tuple[int, ...], data_start: int, family: s
         if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != tuple(identity):
             raise OSError("the file changed after the caller opened it")
 
-        def factor(spec: Spec, i: int) -> np.ndarray:
-            dtype, start, n, offset, shape, strides = spec
+        def widened(start: int, n: int, dtype: str, i: int) -> np.ndarray:
+            """Elements ``[start, start + n)`` of the data section (bytes / 2) as float32, in scratch ``i``."""
             if scratch[2 * i].size < n:
                 scratch[2 * i] = np.empty(max(n, 1 << 20), np.uint16)
                 scratch[2 * i + 1] = np.empty(max(n, 1 << 20), np.float32)
             codes, out = scratch[2 * i][:n], scratch[2 * i + 1]
-            _pread_exact(fd, codes, data_start + start)
+            _pread_exact(fd, codes, data_start + 2 * start)
             _widen_into(codes, out[:n], dtype)
-            return np.ndarray(shape, dtype=np.float32, buffer=out, offset=4 * offset,
+            return out
+
+        def view(spec: Spec, out: np.ndarray, origin: int) -> np.ndarray:
+            _, start, _, offset, shape, strides = spec
+            return np.ndarray(shape, dtype=np.float32, buffer=out, offset=4 * (start // 2 - origin + offset),
                               strides=tuple(4 * s for s in strides))
 
         res: dict[str, np.ndarray] = {}
         for name, p, q, scale, up, down in items:
-            d = Factored(factor(up, 0), factor(down, 1), scale)
+            lo, hi = min(up[1], down[1]) // 2, max(up[1] // 2 + up[2], down[1] // 2 + down[2])
+            if up[0] == down[0] and hi - lo == up[2] + down[2]:  # side by side in the file: one read, one cast
+                out = widened(lo, hi - lo, up[0], 0)
+                d = Factored(view(up, out, lo), view(down, out, lo), scale)
+            else:
+                d = Factored(view(up, widened(up[1] // 2, up[2], up[0], 0), up[1] // 2),
+                             view(down, widened(down[1] // 2, down[2], down[0], 1), down[1] // 2), scale)
             res[name] = module_sketch(d, gaussian(family, name, (p, q), "L", p, k),
                                       gaussian(family, name, (p, q), "R", q, k))
         return res
@@ -313,14 +332,15 @@ def main() -> None:
             return
         if msg[0] == "clear":
             sketch.clear_caches()
-            _send(out, ("ok", None))
+            _send(out, ("ok", None, 0.0))
             continue
+        cpu = time.process_time()
         try:
             res = _sketch_job(*msg[1:], scratch)
         except Exception as exc:  # noqa: BLE001 - the caller sketches these modules itself
-            _send(out, ("error", f"{exc.__class__.__name__}: {exc}"))
+            _send(out, ("error", f"{exc.__class__.__name__}: {exc}", time.process_time() - cpu))
             continue
-        _send(out, ("ok", res))
+        _send(out, ("ok", res, time.process_time() - cpu))
 
 
 if __name__ == "__main__":

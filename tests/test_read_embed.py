@@ -189,6 +189,14 @@ def test_fill_writes_a_tensor_another_view_consumed(tmp_path: Path, defer_everyt
         assert np.array_equal(second, want[1280:])
 
 
+def _assert_same_embedding(e: Any, e0: Any, what: str) -> None:
+    assert list(e.sketches) == list(e0.sketches) and e.vectors.keys() == e0.vectors.keys(), what
+    for n, z in e0.sketches.items():
+        assert np.array_equal(e.sketches[n], z), (what, n)
+    for v, x in e0.vectors.items():
+        assert np.array_equal(e.vectors[v], x), (what, v)
+
+
 @pytest.fixture
 def helper() -> sketch_helper.SketchHelper:
     """This process's sketch helper, started and ready (a real child process)."""
@@ -219,11 +227,7 @@ def test_helper_gives_the_same_bits(tmp_path: Path, shared_loras: Path, shared_k
     for path in _files(tmp_path, shared_loras, shared_keys):
         e0 = embed(load_lora(path))
         ld, e = load_and_embed(path, keep_factors=False, helper=True)
-        assert list(e.sketches) == list(e0.sketches)
-        for n, z in e0.sketches.items():
-            assert np.array_equal(e.sketches[n], z), (path.name, n)
-        for v, x in e0.vectors.items():
-            assert np.array_equal(e.vectors[v], x), (path.name, v)
+        _assert_same_embedding(e, e0, path.name)
     assert sum(calls) > 0 and not helper.broken  # the helper did sketch modules
 
 
@@ -235,20 +239,20 @@ def test_helper_that_dies_is_replaced_by_local_work(tmp_path: Path, defer_everyt
     helper._proc.wait()
     _, e = load_and_embed(path, keep_factors=False, helper=True)
     assert helper.broken
-    for n, z in e0.sketches.items():
-        assert np.array_equal(e.sketches[n], z), n
+    _assert_same_embedding(e, e0, path.name)
     assert sketch_helper.wait_ready(120)  # a new one is started
 
 
+@pytest.mark.parametrize("keep", [True, False])
 def test_helper_nan_is_reported_like_load_lora(tmp_path: Path, defer_everything: None,
                                                monkeypatch: pytest.MonkeyPatch,
-                                               helper: sketch_helper.SketchHelper) -> None:
+                                               helper: sketch_helper.SketchHelper, keep: bool) -> None:
     monkeypatch.setattr(read_embed, "HELPER_SHARE", 1.0)  # every module it can take, the NaN one included
     path = _kohya_file(tmp_path, "F16", nan=True)
     with pytest.raises(BadInput) as e:
         load_lora(path)
     with pytest.raises(BadInput) as e2:
-        load_and_embed(path, keep_factors=False, helper=True)
+        load_and_embed(path, keep_factors=keep, helper=True)
     assert e2.value.code == "non_finite" and str(e2.value) == str(e.value)
 
 
@@ -263,3 +267,16 @@ def test_helper_refuses_a_changed_file(tmp_path: Path) -> None:
 def test_helper_off_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORASEARCH_SKETCH_HELPER", "0")
     assert not sketch_helper.enabled() and sketch_helper.get() is None
+
+
+def test_helper_with_kept_factors(tmp_path: Path, shared_keys: Path, defer_everything: None,
+                                  helper: sketch_helper.SketchHelper) -> None:
+    """keep_factors=True: the helper sketches, this process writes every factor; both as load_lora + embed."""
+    for path in (_kohya_file(tmp_path, "F16"), _kohya_file(tmp_path, "BF16"), _flux_kohya_file(tmp_path, shared_keys)):
+        ld0 = load_lora(path)
+        e0 = embed(ld0)
+        ld, e = load_and_embed(path, keep_factors=True, hashes=False, helper=True)
+        assert not helper.broken
+        _assert_same_embedding(e, e0, path.name)
+        for n, d in ld0.modules.items():
+            assert np.array_equal(ld.modules[n].up, d.up) and np.array_equal(ld.modules[n].down, d.down), n

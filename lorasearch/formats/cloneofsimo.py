@@ -176,7 +176,7 @@ class CloneofsimoReader:
     priority = 55
 
     def matches(self, keys: list[str], metadata: dict[str, str]) -> bool:
-        return any(_KEY_RX.match(k) for k in keys)
+        return any(":" in k and _KEY_RX.match(k) for k in keys)  # ':' first: no regex call for other files
 
     def read(self, src: TensorSource, ctx: ReadContext) -> ParsedLora:
         nets: dict[str, dict[int, dict[str, str]]] = {}

@@ -25,6 +25,7 @@ PREFIXES: tuple[tuple[str, str | None], ...] = (
     ("lycoris_", None),
 )
 _PREFIX_RX = re.compile(r"^(lora_unet_|lora_te[123]?_|lora_transformer_|lycoris_)")
+_PREFIXES = tuple(p for p, _ in PREFIXES)  # the same prefixes for str.startswith: no regex call per key
 # A malformed writer seen in the wild: '..._to_k_lora_down.weight' (underscore
 # instead of dot) and a doubled 'lora_unet_unet_' prefix.
 _MALFORMED_SUFFIXES = {"_lora_down.weight": "down", "_lora_up.weight": "up"}
@@ -50,10 +51,10 @@ class KohyaReader:
     priority = 50
 
     def matches(self, keys: list[str], metadata: dict[str, str]) -> bool:
-        return any(_PREFIX_RX.match(k) for k in keys)
+        return any(k.startswith(_PREFIXES) for k in keys)
 
     def read(self, src: TensorSource, ctx: ReadContext) -> ParsedLora:
-        keys = [k for k in src.keys() if _PREFIX_RX.match(k)]
+        keys = [k for k in src.keys() if k.startswith(_PREFIXES)]
         bad = [k for k in keys if k.endswith(_MALFORMED_ENDS)]
         bad_set = set(bad)
         groups, rest = group_by_suffix([k for k in keys if k not in bad_set], KOHYA_SUFFIX_ROLES)

@@ -151,7 +151,7 @@ def load_lora(
 @contextlib.contextmanager
 def opened_lora(
     path: str | Path, config: str | Path | dict[str, Any] | None = None, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
-    hashes: bool = True, defer: bool = False,
+    hashes: bool = True, defer: bool = False, hash_threads: int = HASH_THREADS,
 ) -> Iterator[tuple[LoraDelta, SafetensorsFile]]:
     """``load_lora`` with its file still open, for a caller that writes deferred factors.
 
@@ -163,6 +163,7 @@ def opened_lora(
             The hashes are then computed in a background thread while the caller
             works (hashlib releases the GIL) and land in ``ld.source`` when the
             block ends.
+        hash_threads: threads hashing the file (1 or 2).
 
     Yields:
         (the LoraDelta, its open SafetensorsFile).
@@ -192,14 +193,14 @@ def opened_lora(
             yield ld, st
             return
         if not defer:
-            _set_hashes(ld.source, st.hashes(HASH_THREADS))
+            _set_hashes(ld.source, st.hashes(hash_threads))
             yield ld, st
             return
         done: dict[str, Any] = {}
 
         def run() -> None:
             try:
-                done["hashes"] = st.hashes(HASH_THREADS)
+                done["hashes"] = st.hashes(hash_threads)
             except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below
                 done["error"] = exc
 

@@ -46,7 +46,7 @@ import threading
 import weakref
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Iterator, NamedTuple
+from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -515,8 +515,13 @@ class SafetensorsFile:
     def _scalar16(self, key: str, info: TensorInfo) -> np.ndarray | None:
         """A one-value F16/BF16 tensor as float32, decoded with ``struct`` (exact); None when it
         is not finite (``get``'s general path then raises with the usual message)."""
-        if self._data is None and self._prefetch is not None:
-            raw = self._pread(2, self.data_start + info.start)  # the section is still being read
+        if self._data is None and self._prefetch is not None and self._fh is not None:
+            try:  # the section is still being read
+                raw = os.pread(self._fh.fileno(), 2, self.data_start + info.start)
+            except OSError as exc:
+                raise self._bad(f"read failed: {exc.strerror or exc}", "unreadable") from None
+            if len(raw) != 2:
+                raise self._bad(f"truncated while reading {key!r} (the file changed after it was opened?)", "truncated")
             if len(raw) != 2:
                 raise self._bad(f"truncated while reading {key!r} (the file changed after it was opened?)", "truncated")
         else:
@@ -544,11 +549,19 @@ class SafetensorsFile:
         info = self.tensors[key]
         if (info.dtype not in _HALF or info.nbytes < 2 * _FAST_CAST_MIN or info.start % 2
                 or not self._preload or self._one_pass_candidate()):
+            if info.nbytes == 2 and info.dtype in _HALF:  # an alpha: the shortest way
+                one = self._scalar16(key, info)
+                if one is not None:
+                    return one
             return self.get(key)
         first = info.start // 2
         if first not in self._pending:
             self._pending[first] = (key, info)
-            bisect.insort(self._pending_starts, first)
+            starts = self._pending_starts
+            if not starts or starts[-1] < first:  # readers mostly go in file order
+                starts.append(first)
+            else:
+                bisect.insort(starts, first)
         out = self._widened_buffer()[first:first + info.nbytes // 2].reshape(info.shape)
         out.flags.writeable = False
         return out
@@ -593,27 +606,60 @@ class SafetensorsFile:
         Returns:
             the view over ``scratch``, or None when ``arr`` is not such a view.
         """
-        found = self._deferred_tensor(arr)
-        if found is None:
+        got = self.widen_pair_into(arr, None, scratch)
+        return None if got is None else got[0]
+
+    def widen_pair_into(self, a: np.ndarray, b: np.ndarray | None,
+                        scratch: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``widen_into`` for two arrays of two deferred tensors that lie side by side in
+        the file (a kohya module's down and up factors): one cast for both.
+
+        Returns:
+            the two views over ``scratch`` (the second is None when ``b`` is), or None when
+            they are not two such views of one 16-bit type next to each other, or ``scratch``
+            is too small.
+        """
+        fa = self._deferred_tensor(a)
+        if fa is None:
             return None
-        first, ptr = found
-        entry = self._pending[first]
-        info = entry[1]
-        base = self._widened_ptr
-        n = info.nbytes // 2
-        if scratch.size < n:
+        ea = self._pending[fa[0]]
+        lo, hi = fa[0], fa[0] + ea[1].nbytes // 2
+        fb = eb = None
+        if b is not None:
+            fb = self._deferred_tensor(b)
+            if fb is None or fb[0] == fa[0]:
+                return None
+            eb = self._pending[fb[0]]
+            if eb[1].dtype != ea[1].dtype:
+                return None
+            b_hi = fb[0] + eb[1].nbytes // 2
+            if b_hi == lo:
+                lo = fb[0]
+            elif fb[0] == hi:
+                hi = b_hi
+            else:
+                return None
+        if scratch.size < hi - lo:
             return None
         if self._data_u16 is None:
             data = self._data if self._data is not None else self._data_section()
             assert data is not None  # deferred tensors exist only for files held in memory
             self._data_u16 = np.frombuffer(data, dtype="<u2", count=len(data) // 2)
-        _widen_into(self._data_u16[first:first + n], scratch[:n], info.dtype)
-        del self._pending[first]
-        self._consumed[first] = entry
-        if ptr == base + 4 * first and arr.size == n and arr.flags.c_contiguous:  # the whole tensor, reshaped
-            return scratch[:n].reshape(arr.shape)
-        return np.ndarray(arr.shape, dtype=np.float32, buffer=scratch, offset=ptr - (base + 4 * first),
-                          strides=arr.strides)
+        _widen_into(self._data_u16[lo:hi], scratch[:hi - lo], ea[1].dtype)
+        origin = self._widened_ptr + 4 * lo
+        out = []
+        for arr, found, entry in ((a, fa, ea), (b, fb, eb)):
+            if arr is None or found is None or entry is None:
+                out.append(None)
+                continue
+            del self._pending[found[0]]
+            self._consumed[found[0]] = entry
+            offset = found[1] - origin
+            if arr.flags.c_contiguous:
+                out.append(scratch[offset // 4:offset // 4 + arr.size].reshape(arr.shape))
+            else:
+                out.append(np.ndarray(arr.shape, dtype=np.float32, buffer=scratch, offset=offset, strides=arr.strides))
+        return out[0], out[1]  # type: ignore[return-value]
 
     def _deferred_tensor(self, arr: np.ndarray) -> tuple[int, int] | None:
         """(first float32 index, address of ``arr``'s first value) of the one pending tensor
@@ -651,15 +697,17 @@ class SafetensorsFile:
         offset = (ptr - (self._widened_ptr + 4 * first)) // 4
         return (info.dtype, info.start, info.nbytes // 2, offset, tuple(arr.shape), tuple(s // 4 for s in arr.strides))
 
-    def consume(self, arr: np.ndarray) -> bool:
-        """Mark the deferred tensor ``arr`` lies in as used elsewhere (another process
-        sketched it): no longer pending, and checked by ``check_consumed`` like the
-        tensors ``widen_into`` widened. Returns whether there was one."""
-        found = self._deferred_tensor(arr)
-        if found is None:
-            return False
-        self._consumed[found[0]] = self._pending.pop(found[0])
-        return True
+    def consume(self, starts: Iterable[int]) -> None:
+        """Mark deferred tensors as used elsewhere (another process sketched them): no longer
+        pending, and checked by ``check_consumed`` like the tensors ``widen_into`` widened.
+
+        Args:
+            starts: their byte offsets in the data section (``deferred_spec``'s second value).
+        """
+        for start in starts:
+            entry = self._pending.pop(start // 2, None)
+            if entry is not None:
+                self._consumed[start // 2] = entry
 
     def check_consumed(self) -> None:
         """Check every tensor ``widen_into`` used for NaN/Inf (raises ``non_finite`` naming it)."""
