@@ -63,10 +63,10 @@ def load_and_embed(
         keep_factors: return the LoraDelta with its factor values. False returns
             ``without_values(ld)`` (what the indexer stores) and widens each deferred
             factor into a small reused buffer instead of the file's float32 buffer.
-        helper: let a helper process sketch part of the modules; None: when the file is
-            at least ``HELPER_MIN_BYTES``
-            and no hashes are asked for (with hashes, the second core hashes instead:
-            two hashing threads beside the embedding, measured faster than the helper).
+        helper: let a helper process sketch part of the modules; None: when this process
+            may use a second core, the file is at least ``HELPER_MIN_BYTES`` and no hashes
+            are asked for (with hashes, two hashing threads take the second core: measured
+            faster than the helper).
 
     Returns:
         the LoraDelta and its Embedding.

@@ -522,8 +522,6 @@ class SafetensorsFile:
                 raise self._bad(f"read failed: {exc.strerror or exc}", "unreadable") from None
             if len(raw) != 2:
                 raise self._bad(f"truncated while reading {key!r} (the file changed after it was opened?)", "truncated")
-            if len(raw) != 2:
-                raise self._bad(f"truncated while reading {key!r} (the file changed after it was opened?)", "truncated")
         else:
             raw = bytes(self._bytes(key, info))
         if info.dtype == "F16":
