@@ -280,3 +280,17 @@ def test_helper_with_kept_factors(tmp_path: Path, shared_keys: Path, defer_every
         _assert_same_embedding(e, e0, path.name)
         for n, d in ld0.modules.items():
             assert np.array_equal(ld.modules[n].up, d.up) and np.array_equal(ld.modules[n].down, d.down), n
+
+
+@pytest.mark.parametrize(("workers", "cores", "off"), [(1, 2, False), (2, 2, True), (2, 4, False), (3, 4, True)])
+def test_pool_workers_leave_the_helper_off_when_they_fill_the_cores(monkeypatch: pytest.MonkeyPatch, workers: int,
+                                                                   cores: int, off: bool) -> None:
+    from indexer import pipeline
+
+    monkeypatch.delenv(sketch_helper.ENV, raising=False)
+    monkeypatch.setattr(sketch_helper, "cores", lambda: cores)
+    pipeline._worker_init(workers)
+    assert sketch_helper.enabled() is not off
+    with sketch_helper.disabled():  # a Ray task's scope
+        assert not sketch_helper.enabled()
+    assert sketch_helper.enabled() is not off
