@@ -13,11 +13,12 @@ and sends back the k×k sketches. They are the same bits as sketched in the
 caller (exact casts, the same products on the same shapes).
 
 The helper starts in the background on first use (the caller does all the
-work itself until it is ready), keeps its own Gaussian cache, exits when its
-parent's pipe closes, and is given up (the caller working alone) on any
-error. ``LORASEARCH_SKETCH_HELPER=0`` turns it off; it is never used on a
-one-core machine. Messages are length-prefixed pickles between this process
-and its own child (no file content is ever unpickled).
+work itself until it is ready), keeps its own Gaussian cache and exits when
+its parent's pipe closes. When a job fails, the caller sketches those modules
+itself; a helper that dies is replaced (at most three starts per process).
+``LORASEARCH_SKETCH_HELPER=0`` turns it off; it is never used on a one-core
+machine. Messages are length-prefixed pickles between this process and its
+own child (no file content is ever unpickled).
 """
 from __future__ import annotations
 
