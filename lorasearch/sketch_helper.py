@@ -43,6 +43,9 @@ Item = tuple[str, int, int, float, Spec, Spec]
 
 ENV = "LORASEARCH_SKETCH_HELPER"  # "0" turns the helper off in this process and its children
 _LEN = struct.Struct("<Q")
+# A job is ~50 ms on an SDXL-size LoRA; a helper silent this long is stuck and is stopped
+# (nothing waits forever on it, e.g. a server's request).
+RESULT_TIMEOUT = 120.0
 
 
 def _send(fh: IO[bytes], obj: Any) -> None:
@@ -156,10 +159,13 @@ class SketchHelper:
         """The sketches of the submitted job; releases the helper.
 
         Raises:
-            RuntimeError: the helper failed (it is then closed for good).
+            RuntimeError: the job failed, or the helper died or went silent for
+                ``RESULT_TIMEOUT`` seconds (it is then stopped and a new one started later).
         """
         try:
             assert self._proc.stdout is not None
+            if not select.select([self._proc.stdout], [], [], RESULT_TIMEOUT)[0]:
+                raise OSError(f"no answer in {RESULT_TIMEOUT:.0f} s")
             status, payload, cpu = _recv(self._proc.stdout)
             self.cpu_seconds += cpu
         except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as exc:

@@ -287,10 +287,28 @@ def test_pool_workers_leave_the_helper_off_when_they_fill_the_cores(monkeypatch:
                                                                    cores: int, off: bool) -> None:
     from indexer import pipeline
 
-    monkeypatch.delenv(sketch_helper.ENV, raising=False)
+    monkeypatch.setenv(sketch_helper.ENV, "1")  # recorded, so the value _worker_init writes is undone too
     monkeypatch.setattr(sketch_helper, "cores", lambda: cores)
     pipeline._worker_init(workers)
     assert sketch_helper.enabled() is not off
     with sketch_helper.disabled():  # a Ray task's scope
         assert not sketch_helper.enabled()
     assert sketch_helper.enabled() is not off
+
+
+def test_helper_that_hangs_is_stopped(tmp_path: Path, defer_everything: None, monkeypatch: pytest.MonkeyPatch,
+                                      helper: sketch_helper.SketchHelper) -> None:
+    import signal
+
+    path = _kohya_file(tmp_path, "F16", rank=64)
+    e0 = embed(load_lora(path))
+    monkeypatch.setattr(sketch_helper, "RESULT_TIMEOUT", 0.5)
+    helper._proc.send_signal(signal.SIGSTOP)  # alive, never answers
+    try:
+        _, e = load_and_embed(path, keep_factors=False, helper=True)
+    finally:
+        if helper._proc.poll() is None:
+            helper._proc.send_signal(signal.SIGCONT)
+    assert helper.broken and helper._proc.poll() is not None
+    _assert_same_embedding(e, e0, path.name)
+    assert sketch_helper.wait_ready(120)
