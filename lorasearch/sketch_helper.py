@@ -159,8 +159,8 @@ class SketchHelper:
         """The sketches of the submitted job; releases the helper.
 
         Raises:
-            RuntimeError: the job failed, or the helper died or went silent for
-                ``RESULT_TIMEOUT`` seconds (it is then stopped and a new one started later).
+            RuntimeError: the job failed (the helper stays), or the helper died or went
+                silent for ``RESULT_TIMEOUT`` seconds (it is stopped; a later ``get`` starts another).
         """
         try:
             assert self._proc.stdout is not None
