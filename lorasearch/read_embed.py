@@ -114,8 +114,7 @@ def _sketch_streamed(ld: LoraDelta, st: SafetensorsFile, k: int, use_helper: boo
         if not isinstance(d, Factored):
             return
         if is_stacked(d):  # multiplied in one stack with others: written in place
-            st.fill(d.up)
-            st.fill(d.down)
+            fill(d)
             return
         # the module's factors now point at the scratch buffers, overwritten by the next module:
         # the caller replaces this LoraDelta by its summary

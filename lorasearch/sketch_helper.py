@@ -265,13 +265,12 @@ def clear_caches() -> None:
 # -- the child ------------------------------------------------------------------------------------
 
 def _pread_exact(fd: int, buf: np.ndarray, offset: int) -> None:
+    from lorasearch.formats.safetensors_file import preadv_into
+
     view = memoryview(buf).cast("B")
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if not got:
-            raise OSError(f"short read at byte {offset + done} (the file changed?)")
-        done += got
+    got = preadv_into(fd, view, offset)
+    if got < len(view):
+        raise OSError(f"short read at byte {offset + got} (the file changed?)")
 
 
 def _sketch_job(path: str, identity: tuple[int, ...], data_start: int, family: str, k: int,

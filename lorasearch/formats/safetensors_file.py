@@ -423,12 +423,7 @@ class SafetensorsFile:
         done = 0
         try:
             if hasattr(os, "preadv"):
-                while done < len(view):
-                    got = os.preadv(fh.fileno(), [view[done:]], offset + done)
-                    if not got:
-                        break
-                    done += got
-                return done
+                return preadv_into(fh.fileno(), view, offset)
             with self._lock:
                 fh.seek(offset)
                 while done < len(view):
@@ -515,11 +510,8 @@ class SafetensorsFile:
     def _scalar16(self, key: str, info: TensorInfo) -> np.ndarray | None:
         """A one-value F16/BF16 tensor as float32, decoded with ``struct`` (exact); None when it
         is not finite (``get``'s general path then raises with the usual message)."""
-        if self._data is None and self._prefetch is not None and self._fh is not None:
-            try:  # the section is still being read
-                raw = os.pread(self._fh.fileno(), 2, self.data_start + info.start)
-            except OSError as exc:
-                raise self._bad(f"read failed: {exc.strerror or exc}", "unreadable") from None
+        if self._data is None and self._prefetch is not None:
+            raw = self._pread(2, self.data_start + info.start)  # the section is still being read
             if len(raw) != 2:
                 raise self._bad(f"truncated while reading {key!r} (the file changed after it was opened?)", "truncated")
         else:
@@ -547,10 +539,6 @@ class SafetensorsFile:
         info = self.tensors[key]
         if (info.dtype not in _HALF or info.nbytes < 2 * _FAST_CAST_MIN or info.start % 2
                 or not self._preload or self._one_pass_candidate()):
-            if info.nbytes == 2 and info.dtype in _HALF:  # an alpha: the shortest way
-                one = self._scalar16(key, info)
-                if one is not None:
-                    return one
             return self.get(key)
         first = info.start // 2
         if first not in self._pending:
@@ -897,6 +885,18 @@ def _widen_into(u16: np.ndarray, out: np.ndarray, dtype: str) -> None:
         np.take(_F16_TABLE, u16, out=out, mode="clip")  # "clip": no bounds-check buffering; codes are all in range
     else:
         np.copyto(out, u16.view(np.float16))
+
+
+def preadv_into(fd: int, view: memoryview, offset: int) -> int:
+    """Fill ``view`` from byte ``offset`` of ``fd`` (``preadv`` may return short reads);
+    returns the bytes read, fewer only at the end of the file."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if not got:
+            break
+        done += got
+    return done
 
 
 def _byte_bounds(arr: np.ndarray) -> tuple[int, int]:
