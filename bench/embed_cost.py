@@ -420,7 +420,7 @@ def main() -> None:
         f"{args.sdxl_repeats}), stages interleaved; ratios of median wall times, of median process CPU times and "
         "of each stage's fastest run (the one least disturbed by other jobs on a shared machine). Files in the OS "
         "page cache unless 'evicted'. "
-        "**embed** = everything from file to vectors, as an indexer worker runs it: "
+        "**embed** = everything from file to vectors, without hashing: "
         "`load_and_embed(path, hashes=False, keep_factors=False)` (header checks, one read, reader + family "
         "resolution, each 16-bit factor widened to float32 right before its sketch, sketches, 6 view vectors; "
         "exact module norms are not part of it since `SKETCH_VERSION` 2). *warm* = the "
