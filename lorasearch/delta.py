@@ -44,7 +44,7 @@ class Factored:
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
-        return (int(self.up.shape[0]), int(self.down.shape[1]))
+        return (self.up.shape[0], self.down.shape[1])  # numpy shapes hold Python ints
 
     def matrix(self) -> np.ndarray:
         """The dense ``p x q`` update (for tests and small layers only)."""

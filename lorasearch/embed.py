@@ -30,6 +30,7 @@ from lorasearch.sketch import (
     normalise,
     sketch_lora,
     sketch_norms,
+    stack_square,
 )
 
 VIEW_DELTA = "delta"
@@ -96,13 +97,15 @@ def _check_groups(groups: Iterable[str] | None) -> tuple[str, ...] | None:
     return gs or None
 
 
-def view_vectors(sketches: Mapping[str, np.ndarray], norms: Mapping[str, float], dim: int) -> dict[str, np.ndarray]:
+def view_vectors(sketches: Mapping[str, np.ndarray], norms: Mapping[str, float], dim: int,
+                 stacked: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """All view vectors of one LoRA; views with no non-zero module are left out.
 
     Args:
         sketches: module -> k×k sketch.
         norms: module -> norm to divide the module by in the style views (``sketch_norms``).
         dim: vector length.
+        stacked: ``stack_square(sketches)`` when the caller has it already.
 
     Returns:
         view name -> float32 unit vector.
@@ -110,6 +113,8 @@ def view_vectors(sketches: Mapping[str, np.ndarray], norms: Mapping[str, float],
     live = {n: z for n, z in sketches.items() if norms.get(n, 0.0) > 0}
     if not live:
         return {}
+    if len(live) < len(sketches):
+        stacked = None
     # one fold_many for every view: the signed products and buckets are formed once
     # (each vector is bit for bit what its own delta_vector / style_vector call gives)
     inv = 1.0 / np.array([norms[n] for n in live], dtype=np.float64)
@@ -118,7 +123,7 @@ def view_vectors(sketches: Mapping[str, np.ndarray], norms: Mapping[str, float],
     for j, name in enumerate(GROUP_VIEWS.values()):
         if member[:, j].any():
             weights[name] = np.where(member[:, j], inv, 0.0)
-    folded = fold_many(live, list(weights.values()), dim)
+    folded = fold_many(live, list(weights.values()), dim, stacked=stacked)
     out = {v: normalise(x) for v, x in zip(weights, folded)}
     return {v: x.astype(np.float32) for v, x in out.items() if float(np.linalg.norm(x)) > 0}
 
@@ -159,8 +164,9 @@ def embedding_of(family: str, k: int, dim: int, sketches: dict[str, np.ndarray])
     Returns:
         the Embedding.
     """
-    norms = sketch_norms(sketches)
-    return Embedding(family, k, dim, sketches, norms, view_vectors(sketches, norms, dim))
+    stacked = stack_square(sketches)  # one stack for the norms and the views
+    norms = sketch_norms(sketches, stacked)
+    return Embedding(family, k, dim, sketches, norms, view_vectors(sketches, norms, dim, stacked))
 
 
 def sketch_cosine(

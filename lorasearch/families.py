@@ -320,7 +320,7 @@ def _as_matrix(shape: Shape) -> Shape:
 
 
 def _module_shape(rm: RawModule) -> Shape:
-    return tuple(int(x) for x in rm.delta.matrix_shape)
+    return tuple(rm.delta.matrix_shape)  # Python ints already (numpy shapes)
 
 
 def _shape_ok(rm: RawModule, entry: _Entry) -> bool:

@@ -97,7 +97,10 @@ def module_sketch(d: Delta, L: np.ndarray, R: np.ndarray) -> np.ndarray:
     """
     if isinstance(d, Factored):
         z = (L @ d.up) @ (d.down @ R.T)
-        return (z * np.float32(d.scale)).astype(np.float32)
+        if z.dtype != np.float32:
+            return (z * np.float32(d.scale)).astype(np.float32)
+        z *= np.float32(d.scale)  # the same product, in place (no second copy)
+        return z
     if isinstance(d, Kronecker):
         return _kron_sketch(d, L, R).astype(np.float32)
     if isinstance(d, Dense):
@@ -177,20 +180,26 @@ def sketch_lora(ld: LoraDelta, k: int = DEFAULT_K, prepare: Callable[[Delta], No
     return {n: out[n] for n in ld.modules if n in out}
 
 
-def sketch_norms(sketches: Mapping[str, np.ndarray]) -> dict[str, float]:
+def sketch_norms(sketches: Mapping[str, np.ndarray], stacked: np.ndarray | None = None) -> dict[str, float]:
     """``‖Z_m‖_F`` of every module sketch: the module norm the style views divide by.
 
     ``E‖Z_m‖² = ‖ΔW_m‖²``, so it estimates the exact norm; unlike it, it costs
     nothing (the exact norm of a rank-r factored update costs r/(2k) times its
     sketch: 2× at r = 32, k = 8) and it makes every module's sketch exactly unit
     length in the style views.
+
+    Args:
+        sketches: module -> sketch.
+        stacked: ``stack_square(sketches)`` when the caller has it already.
     """
     if not sketches:
         return {}
-    zs = list(sketches.values())
-    if any(z.shape != zs[0].shape for z in zs):
-        return {n: float(np.sqrt(np.sum(np.square(z, dtype=np.float64)))) for n, z in sketches.items()}
-    sq = np.square(np.stack(zs).reshape(len(zs), -1), dtype=np.float64)
+    if stacked is None:
+        zs = list(sketches.values())
+        if any(z.shape != zs[0].shape for z in zs):
+            return {n: float(np.sqrt(np.sum(np.square(z, dtype=np.float64)))) for n, z in sketches.items()}
+        stacked = np.stack(zs)
+    sq = np.square(stacked.reshape(len(stacked), -1), dtype=np.float64)
     return dict(zip(sketches, np.sqrt(np.sum(sq, axis=1)).tolist()))
 
 
@@ -315,14 +324,23 @@ def fold(sketches: Mapping[str, np.ndarray], dim: int = DEFAULT_DIM, weights: Ma
     return fold_many(sketches, [weights], dim, s)[0]
 
 
-def _signed(sketches: Mapping[str, np.ndarray], dim: int, s: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Every sketch entry times its bucket signs (M, k², s) float64, and the buckets; None for mixed sizes."""
+def stack_square(sketches: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The sketches as one (M, k, k) array; None when they are not all k×k of one size."""
     zs = list(sketches.values())
     shape = zs[0].shape if zs else None
     if not zs or len(shape) != 2 or shape[0] != shape[1] or any(z.shape != shape for z in zs):
         return None
-    idx, sign = _stacked_buckets(tuple(sketches), shape[0], dim, s)
-    return np.stack(zs).reshape(len(zs), -1, 1).astype(np.float64) * sign, idx
+    return np.stack(zs)
+
+
+def _signed(sketches: Mapping[str, np.ndarray], dim: int, s: int,
+            stacked: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every sketch entry times its bucket signs (M, k², s) float64, and the buckets; None for mixed sizes."""
+    z = stack_square(sketches) if stacked is None else stacked
+    if z is None:
+        return None
+    idx, sign = _stacked_buckets(tuple(sketches), z.shape[1], dim, s)
+    return z.reshape(len(z), -1, 1).astype(np.float64) * sign, idx
 
 
 def _fold_signed(signed: np.ndarray, idx: np.ndarray, w: np.ndarray, dim: int) -> np.ndarray:
@@ -336,10 +354,26 @@ def _fold_signed(signed: np.ndarray, idx: np.ndarray, w: np.ndarray, dim: int) -
     if not keep.size:
         return np.zeros(dim, dtype=np.float32)
     if keep.size == len(w):
-        vals, cells = signed * w[:, None, None], idx
+        # a weight of 1 changes no product (the delta view's): no multiply, no copy
+        vals, cells = (signed if (w == 1.0).all() else signed * w[:, None, None]), idx
     else:
-        vals, cells = signed[keep] * w[keep, None, None], idx[keep]
+        vals, cells = signed[keep] * w[keep, None, None], _rows(idx, keep)
     return np.bincount(cells.ravel(), weights=vals.ravel(), minlength=dim).astype(np.float32)
+
+
+_ROWS: dict[tuple[int, bytes], tuple[np.ndarray, np.ndarray]] = {}  # (rows, the idx they came from: kept alive)
+
+
+def _rows(idx: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``idx[keep]``, kept for the next LoRA of the same module set (the group views
+    take the same rows of the same cached buckets file after file)."""
+    key = (id(idx), keep.tobytes())
+    got = _ROWS.get(key)
+    if got is None or got[1] is not idx:
+        if len(_ROWS) >= 16:
+            _ROWS.clear()
+        got = _ROWS[key] = (idx[keep], idx)
+    return got[0]
 
 
 def _fold_loop(sketches: Mapping[str, np.ndarray], dim: int, weights: Mapping[str, float] | None, s: int) -> np.ndarray:
@@ -380,6 +414,7 @@ def clear_caches() -> None:
     module_groups.cache_clear()
     _buckets.cache_clear()
     _stacked_buckets.cache_clear()
+    _ROWS.clear()
 
 
 def normalise(v: np.ndarray) -> np.ndarray:
@@ -408,7 +443,7 @@ def style_vector(sketches: Mapping[str, np.ndarray], norms: Mapping[str, float],
 
 def fold_many(sketches: Mapping[str, np.ndarray], weights: Iterable[Mapping[str, float] | np.ndarray | None],
               dim: int = DEFAULT_DIM,
-              s: int = BUCKETS_PER_ENTRY) -> list[np.ndarray]:
+              s: int = BUCKETS_PER_ENTRY, stacked: np.ndarray | None = None) -> list[np.ndarray]:
     """``fold`` for several per-module weightings at once (the views of one LoRA).
 
     The sketch-times-sign products and the bucket layout are formed once and
@@ -421,6 +456,7 @@ def fold_many(sketches: Mapping[str, np.ndarray], weights: Iterable[Mapping[str,
             weights in the order of ``sketches``, or None (every module weight 1).
         dim: output dimension D.
         s: buckets per sketch entry.
+        stacked: ``stack_square(sketches)`` when the caller has it already.
 
     Returns:
         one float32 vector per weighting (not normalised).
@@ -430,7 +466,7 @@ def fold_many(sketches: Mapping[str, np.ndarray], weights: Iterable[Mapping[str,
           else np.array([1.0 if m is None else m.get(n, 0.0) for n in names], dtype=np.float64) for m in weights]
     if not names:
         return [np.zeros(dim, dtype=np.float32) for _ in ws]
-    signed = _signed(sketches, dim, s)
+    signed = _signed(sketches, dim, s, stacked)
     if signed is None:
         return [_fold_loop(sketches, dim, dict(zip(names, w.tolist())), s) for w in ws]
     return [_fold_signed(signed[0], signed[1], w, dim) for w in ws]

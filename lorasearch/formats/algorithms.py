@@ -138,7 +138,8 @@ def decode_lora(mod: str, get: Getter, roles: dict[str, str], rule: AlphaRule) -
     r = int(down.shape[0])
     if up.ndim < 2 or up.shape[1] != r:
         raise _chain_error(mod, f"factors do not chain: up {_shp(up)} x down {_shp(down)}")
-    _check_1x1(mod, "conv up", up)
+    if up.ndim > 2:
+        _check_1x1(mod, "conv up", up)
     up2d = up.reshape(up.shape[0], r)
     scale = rule.scale(_alpha(mod, get, roles), r)
     if "mid" in roles:
@@ -148,7 +149,7 @@ def decode_lora(mod: str, get: Getter, roles: dict[str, str], rule: AlphaRule) -
         _check_1x1(mod, "Tucker down", down)
         f = _tucker(mod, "LoCon", mid, up2d, down.reshape(r, -1))
         return Factored(f.up, f.down, scale, (int(up.shape[0]), int(down.shape[1]), *_shp(mid)[2:]))
-    shape = (int(up.shape[0]), *_shp(down)[1:])
+    shape = (up.shape[0], *down.shape[1:])  # numpy shapes hold Python ints
     return Factored(up2d, down.reshape(r, -1), scale, shape)
 
 
@@ -276,6 +277,10 @@ def _decode_oft(mod: str, get: Getter, roles: dict[str, str]) -> DecodedModule:
     return DecodedModule(_needs_base(method, get, roles, "orthogonal rotation of W0", alpha or 0.0), algorithm=method)
 
 
+_ALPHA_ONLY = frozenset({"alpha"})
+_MAGNITUDE_ROLES = frozenset({"dora_scale", "magnitude"})
+
+
 def decode_module(mod: str, get: Getter, roles: dict[str, str], rule: AlphaRule,
                   view: Getter | None = None) -> DecodedModule:
     """Decode one module from its role -> key map.
@@ -300,12 +305,13 @@ def decode_module(mod: str, get: Getter, roles: dict[str, str], rule: AlphaRule,
             the message names the module.
     """
     keys = roles.keys()
-    if keys <= {"alpha"}:  # a stray alpha with no factors: nothing to apply
+    if keys <= _ALPHA_ONLY:  # a stray alpha with no factors: nothing to apply
         return DecodedModule(None, algorithm="none")
     magnitude = None
-    for mrole in ("dora_scale", "magnitude"):
-        if mrole in keys:
-            magnitude = get(roles[mrole])
+    if not keys.isdisjoint(_MAGNITUDE_ROLES):
+        for mrole in ("dora_scale", "magnitude"):
+            if mrole in keys:
+                magnitude = get(roles[mrole])
     bias = Dense(get(roles["up_bias"])) if "up_bias" in keys else None
     if "down" in keys and "up" in keys:
         algo = "dora" if magnitude is not None else "lora"

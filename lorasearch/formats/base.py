@@ -191,9 +191,21 @@ def group_by_suffix(
         the groups, and the keys no suffix matched.
     """
     buckets, short = _suffix_buckets(tuple(suffix_roles))
+    # When every suffix starts with a dot, a key's tail from its first dot is the
+    # longest suffix it can have: one dict lookup settles most keys (kohya names
+    # hold no other dot).
+    dotted = all(s.startswith(".") for s in suffix_roles)
     groups: dict[str, dict[str, str]] = {}
     rest: list[str] = []
     for k in keys:
+        if dotted:
+            i = k.find(".")
+            role = suffix_roles.get(k[i:]) if i > 0 else None
+            if role is not None:
+                mod = k[:i] if name_of is None else name_of(k[:i])
+                if mod is not None:
+                    groups.setdefault(mod, {})[role] = k
+                continue
         for suf in buckets.get(k[-_TAIL:], short) if len(k) >= _TAIL else short:
             if k.endswith(suf) and len(k) > len(suf):
                 mod = k[: -len(suf)]
@@ -242,8 +254,9 @@ def decode_groups(
     # plain factors may be left unwritten until the sketch needs them (kohya names are
     # only renamed and sliced from here on; see SafetensorsFile.get_deferred)
     view = getattr(src, "get_deferred", None) if getattr(src, "defer", False) else None
+    get = src.get
     for mod, roles in groups.items():
-        dec = decode_module(mod, src.get, roles, rule, view)
+        dec = decode_module(mod, get, roles, rule, view)
         if dec.weight is None and dec.bias is None:
             continue
         algos[dec.algorithm] = algos.get(dec.algorithm, 0) + 1

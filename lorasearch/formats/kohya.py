@@ -54,10 +54,11 @@ class KohyaReader:
         return any(k.startswith(_PREFIXES) for k in keys)
 
     def read(self, src: TensorSource, ctx: ReadContext) -> ParsedLora:
-        keys = [k for k in src.keys() if k.startswith(_PREFIXES)]
+        all_keys = src.keys()
+        keys = [k for k in all_keys if k.startswith(_PREFIXES)]
         bad = [k for k in keys if k.endswith(_MALFORMED_ENDS)]
         bad_set = set(bad)
-        groups, rest = group_by_suffix([k for k in keys if k not in bad_set], KOHYA_SUFFIX_ROLES)
+        groups, rest = group_by_suffix([k for k in keys if k not in bad_set] if bad else keys, KOHYA_SUFFIX_ROLES)
         warnings: list[str] = []
         if bad:
             malformed, _ = group_by_suffix(bad, _MALFORMED_SUFFIXES)
@@ -67,7 +68,7 @@ class KohyaReader:
         # stores alpha*sqrt(r) in ``.alpha`` so that alpha/r is its scale.
         rule = AlphaRule(missing="rank")
         modules, algos = decode_groups(src, groups, rule, locate)
-        ignored = sorted(set(src.keys()) - set(keys)) + rest
+        ignored = (sorted(set(all_keys) - set(keys)) if len(keys) < len(all_keys) else []) + rest
         meta = {"algorithms": algos, "alpha_source": "per-module .alpha tensors (missing: alpha = rank)"}
         if ignored:
             meta["ignored_keys"] = ignored[:20]

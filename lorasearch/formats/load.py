@@ -174,10 +174,9 @@ def opened_lora(
     else:
         cfg_path = Path(config) if config is not None else cfg_path
         cfg = _read_config(cfg_path) if cfg_path is not None else None
-    with SafetensorsFile(weights, max_bytes=max_bytes) as st:
+    # with defer, the data section is read while the header is parsed and decoded
+    with SafetensorsFile(weights, max_bytes=max_bytes, prefetch=defer) as st:
         st.defer = defer
-        if defer:
-            st.prefetch()  # the data section is read while the reader decodes the header
         ld = read_source(st, ReadContext(path=str(weights), peft_config=cfg))
         ld.source = {
             "path": str(path),

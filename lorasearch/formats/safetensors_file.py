@@ -166,13 +166,15 @@ class SafetensorsFile:
         max_bytes: files larger than this are refused (``too_large``).
         preload_max: data sections up to this many bytes are read whole on
             first access; larger ones tensor by tensor.
+        prefetch: start ``prefetch`` as soon as the header's length is known, so
+            the data section is read while the header is parsed.
 
     Raises:
         BadInput: with one of the codes in the module docstring.
     """
 
     def __init__(self, path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_FILE_BYTES,
-                 preload_max: int = PRELOAD_MAX_BYTES) -> None:
+                 preload_max: int = PRELOAD_MAX_BYTES, prefetch: bool = False) -> None:
         self.path = Path(path)
         refuse_pickle_path(self.path)
         if not self.path.is_file():
@@ -190,6 +192,7 @@ class SafetensorsFile:
         self._pending_starts: list[int] = []
         self._consumed: dict[int, tuple[str, TensorInfo]] = {}  # see widen_into
         self._widened_ptr = 0  # address of _widened's first value
+        self._widened_view: np.ndarray | None = None  # _widened, read-only (what get_deferred hands out)
         self._data_u16: np.ndarray | None = None  # the data section as uint16 codes (widen_into)
         self._prefetch: tuple[threading.Thread, np.ndarray, dict[str, Any]] | None = None  # see prefetch
         self._head = b""  # the 8 length bytes and the JSON header, as stored
@@ -199,6 +202,7 @@ class SafetensorsFile:
         except OSError as exc:
             raise BadInput(f"{self.path}: cannot open: {exc.strerror or exc}", code="unreadable") from None
         self._fh = fh
+        self._fd = fh.fileno()
         # Closes the handle when the object is collected without close().
         self._finalizer = weakref.finalize(self, fh.close)
         try:
@@ -211,6 +215,8 @@ class SafetensorsFile:
             self.data_start = 8 + self.header_len
             self._head = struct.pack("<Q", self.header_len) + raw
             self._preload = self.size - self.data_start <= preload_max
+            if prefetch and raw[:1] == b"{":  # read the data while the header is parsed
+                self.prefetch()
             self.tensors, self.metadata = self._parse_header(raw)
         except BaseException:
             self.close()
@@ -224,7 +230,7 @@ class SafetensorsFile:
             self._prefetch = None
         self._finalizer()
         self._fh = None
-        self._data = self._widened = self._data_u16 = None  # arrays sliced from them keep their own reference
+        self._data = self._widened = self._widened_view = self._data_u16 = None  # arrays sliced from them keep their own reference
 
     def __enter__(self) -> SafetensorsFile:
         return self
@@ -510,19 +516,30 @@ class SafetensorsFile:
     def _scalar16(self, key: str, info: TensorInfo) -> np.ndarray | None:
         """A one-value F16/BF16 tensor as float32, decoded with ``struct`` (exact); None when it
         is not finite (``get``'s general path then raises with the usual message)."""
-        if self._data is None and self._prefetch is not None:
-            raw = self._pread(2, self.data_start + info.start)  # the section is still being read
-            if len(raw) != 2:
-                raise self._bad(f"truncated while reading {key!r} (the file changed after it was opened?)", "truncated")
-        else:
+        data = self._data
+        if data is None and self._prefetch is not None:
+            if self._prefetch[0].is_alive():
+                try:  # the section is still being read: these two bytes on their own
+                    raw: bytes | memoryview = os.pread(self._fd, 2, self.data_start + info.start)
+                except OSError:
+                    raw = self._pread(2, self.data_start + info.start)  # raises with the usual message
+                if len(raw) != 2:
+                    raise self._bad(f"truncated while reading {key!r} (the file changed after it was opened?)", "truncated")
+            else:
+                data = self._data_section()  # read: the join returns at once
+        if data is not None:
+            raw = data[info.start:info.end]
+        elif self._prefetch is None:
             raw = bytes(self._bytes(key, info))
         if info.dtype == "F16":
             value = _F16_SCALAR.unpack(raw)[0]
         else:
-            value = _F32_SCALAR.unpack(b"\0\0" + raw)[0]  # bfloat16 is the high half of a float32
+            value = _F32_SCALAR.unpack(b"\0\0" + bytes(raw))[0]  # bfloat16 is the high half of a float32
         if not math.isfinite(value):
             return None
-        out = np.array(value, dtype=np.float32).reshape(info.shape)
+        out = np.array(value, dtype=np.float32)
+        if info.shape:
+            out = out.reshape(info.shape)
         out.flags.writeable = False
         return out
 
@@ -537,10 +554,19 @@ class SafetensorsFile:
         Other tensors, and files read tensor by tensor, are read as ``get`` reads them.
         """
         info = self.tensors[key]
-        if (info.dtype not in _HALF or info.nbytes < 2 * _FAST_CAST_MIN or info.start % 2
-                or not self._preload or self._one_pass_candidate()):
+        dtype, shape, start, end = info
+        if dtype not in _HALF or end - start < 2 * _FAST_CAST_MIN or start % 2 or not self._preload:
+            if end - start == 2 and dtype in _HALF:  # an alpha: get's own shortcut, without the detour
+                one = self._scalar16(key, info)
+                if one is not None:
+                    return one
             return self.get(key)
-        first = info.start // 2
+        one_pass = self._one_pass
+        if one_pass is None:
+            one_pass = self._one_pass_candidate()
+        if one_pass:
+            return self.get(key)
+        first = start // 2
         if first not in self._pending:
             self._pending[first] = (key, info)
             starts = self._pending_starts
@@ -548,9 +574,11 @@ class SafetensorsFile:
                 starts.append(first)
             else:
                 bisect.insort(starts, first)
-        out = self._widened_buffer()[first:first + info.nbytes // 2].reshape(info.shape)
-        out.flags.writeable = False
-        return out
+        view = self._widened_view
+        if view is None:
+            self._widened_buffer()
+            view = self._widened_view
+        return view[first:first + (end - start) // 2].reshape(shape)  # read-only: a view of a read-only view
 
     def fill(self, arr: np.ndarray) -> None:
         """Write the values of every deferred tensor ``arr`` views (see ``get_deferred``).
@@ -650,11 +678,11 @@ class SafetensorsFile:
     def _deferred_tensor(self, arr: np.ndarray) -> tuple[int, int] | None:
         """(first float32 index, address of ``arr``'s first value) of the one pending tensor
         ``arr`` lies inside, or None (not a view of one deferred tensor, or already written)."""
-        if not self._pending or self._widened is None or not arr.size or arr.dtype != np.float32:
+        if not self._pending or self._widened is None or arr.dtype is not _F32 or not arr.size:
             return None
         base = self._widened_ptr
         ptr = arr.__array_interface__["data"][0]
-        first = (ptr - base) // 4
+        first = (ptr - base) >> 2
         entry = self._pending.get(first) if arr.flags.c_contiguous else None
         if entry is not None:  # the usual case: the whole tensor, reshaped
             low, high = ptr, ptr + arr.nbytes
@@ -675,13 +703,18 @@ class SafetensorsFile:
             (dtype, byte offset of the tensor in the data section, its element count,
             ``arr``'s offset into it in elements, ``arr``'s shape, its strides in elements).
         """
+        if arr.flags.c_contiguous and arr.dtype is _F32:  # the usual case: a whole tensor, reshaped
+            entry = self._pending.get((arr.__array_interface__["data"][0] - self._widened_ptr) >> 2)
+            if entry is not None and (entry[1].end - entry[1].start) == 2 * arr.size:
+                info = entry[1]
+                return (info.dtype, info.start, arr.size, 0, arr.shape, _steps(arr.strides))
         found = self._deferred_tensor(arr)
         if found is None:
             return None
         first, ptr = found
         info = self._pending[first][1]
         offset = (ptr - (self._widened_ptr + 4 * first)) // 4
-        return (info.dtype, info.start, info.nbytes // 2, offset, tuple(arr.shape), tuple(s // 4 for s in arr.strides))
+        return (info.dtype, info.start, (info.end - info.start) // 2, offset, arr.shape, _steps(arr.strides))
 
     def consume(self, starts: Iterable[int]) -> None:
         """Mark deferred tensors as used elsewhere (another process sketched them): no longer
@@ -734,6 +767,8 @@ class SafetensorsFile:
         if self._widened is None:
             self._widened = buffer_pool.empty((self.size - self.data_start + 1) // 2 * 4).view(np.float32)
             self._widened_ptr = self._widened.__array_interface__["data"][0]
+            self._widened_view = self._widened.view()
+            self._widened_view.flags.writeable = False
         return self._widened
 
     def _one_pass_candidate(self) -> bool:
@@ -885,6 +920,11 @@ def _widen_into(u16: np.ndarray, out: np.ndarray, dtype: str) -> None:
         np.take(_F16_TABLE, u16, out=out, mode="clip")  # "clip": no bounds-check buffering; codes are all in range
     else:
         np.copyto(out, u16.view(np.float16))
+
+
+def _steps(strides: tuple[int, ...]) -> tuple[int, ...]:
+    """float32 byte strides in elements."""
+    return (strides[0] >> 2, strides[1] >> 2) if len(strides) == 2 else tuple(s >> 2 for s in strides)
 
 
 def preadv_into(fd: int, view: memoryview, offset: int) -> int:
