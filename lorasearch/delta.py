@@ -229,11 +229,25 @@ def _no_factors(rank: int) -> tuple[np.ndarray, np.ndarray]:
     return up, down
 
 
-def without_values(ld: LoraDelta) -> LoraDelta:
+def without_values(ld: LoraDelta, reuse: bool = False) -> LoraDelta:
     """``ld`` with every module kept by kind, rank, scale and shape but no factor values.
 
     What the store's writer needs besides the embedding (family, format, module
     kinds, ranks, metadata, source and hashes), a few bytes per module.
+
+    Args:
+        ld: the LoRA.
+        reuse: empty ``ld``'s own factored modules in place instead of making new
+            ones (for a caller that drops ``ld``: it loses its values too).
     """
-    return LoraDelta(ld.family, ld.format, {n: _stub(d) for n, d in ld.modules.items()},
-                     {n: _EMPTY for n in ld.magnitudes}, ld.metadata, ld.source, ld.header_metadata)
+    if reuse:
+        modules = {n: _emptied(d) if type(d) is Factored else _stub(d) for n, d in ld.modules.items()}
+    else:
+        modules = {n: _stub(d) for n, d in ld.modules.items()}
+    return LoraDelta(ld.family, ld.format, modules, {n: _EMPTY for n in ld.magnitudes}, ld.metadata, ld.source,
+                     ld.header_metadata)
+
+
+def _emptied(d: Factored) -> Factored:
+    d.up, d.down = _no_factors(d.up.shape[1])
+    return d

@@ -478,7 +478,14 @@ def _score_all(modules: list[RawModule]) -> list[_Score]:
     """Every family's score, in ``_known()`` order (names looked up once for all families)."""
     found = [_lookup_all(rm.component, rm.path, rm.flat) for rm in modules]
     shapes = [_module_shape(rm) for rm in modules]
-    return [_score_entries(f, modules, [e[i] for e in found], shapes) for i, f in enumerate(_known())]
+    out = []
+    for f, entries in zip(_known(), zip(*found) if found else [() for _ in _known()]):
+        listed = list(entries)
+        if listed.count(None) == len(listed):  # no name of this family: nothing to fit (most families)
+            out.append(_Score(f, listed, [False] * len(listed), 0, 0))
+        else:
+            out.append(_score_entries(f, modules, listed, shapes))
+    return out
 
 
 def _acceptable(s: _Score, n: int) -> bool:

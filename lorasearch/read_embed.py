@@ -87,7 +87,7 @@ def load_and_embed(
         if not all(map(math.isfinite, emb.norms.values())):  # a sketch is finite iff its norm is
             st.check_consumed()  # raises non_finite naming the tensor
         st.fill_all()  # tensors no sketch used are still checked
-        return without_values(ld), emb
+        return without_values(ld, reuse=True), emb
 
 
 def _sketch_streamed(ld: LoraDelta, st: SafetensorsFile, k: int, use_helper: bool,

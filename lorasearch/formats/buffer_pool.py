@@ -10,6 +10,7 @@ is still around.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 import threading
@@ -23,6 +24,16 @@ POOL_MIN_BYTES = 16 << 20  # smaller buffers are cheap to allocate: not pooled
 _blocks: list[np.ndarray] = []
 _lock = threading.Lock()
 
+# The smaller temporaries of each file (the view folds' products, ~2 MiB for an
+# SDXL-size LoRA; module factors; header objects) come and go file after file too.
+# glibc serves every allocation from 128 KiB with a fresh mmap and hands freed heap
+# tops back to the OS, so each file faults the same pages in again (several ms per
+# SDXL-size file here). These thresholds keep such memory for the next file.
+_MALLOC_MMAP_THRESHOLD = 64 << 20
+_MALLOC_TRIM_THRESHOLD = 256 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+_malloc_tuned = False
+
 
 def _free_refs() -> int:
     """The reference count a pooled block shows in ``_take``'s scan when nothing else holds it."""
@@ -35,6 +46,28 @@ def _free_refs() -> int:
 _FREE = _free_refs()
 
 
+def keep_freed_memory() -> None:
+    """Let glibc keep freed memory up to a few hundred MiB for reuse (once per process).
+
+    Left alone where the user tuned malloc (``MALLOC_MMAP_THRESHOLD_`` /
+    ``MALLOC_TRIM_THRESHOLD_``), where the pool is off, and where there is no
+    glibc ``mallopt``.
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    if POOL_MAX_BYTES <= 0 or os.environ.get("MALLOC_MMAP_THRESHOLD_") or os.environ.get("MALLOC_TRIM_THRESHOLD_"):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt(_M_MMAP_THRESHOLD, _MALLOC_MMAP_THRESHOLD)
+    mallopt(_M_TRIM_THRESHOLD, _MALLOC_TRIM_THRESHOLD)
+
+
 def empty(nbytes: int) -> np.ndarray:
     """An uninitialised uint8 array of ``nbytes``, from an idle pooled block when one fits.
 
@@ -44,6 +77,8 @@ def empty(nbytes: int) -> np.ndarray:
     Returns:
         a writable uint8 array (a view of a pooled block, or a fresh array).
     """
+    if not _malloc_tuned:
+        keep_freed_memory()
     if nbytes < POOL_MIN_BYTES or nbytes > POOL_MAX_BYTES:
         return np.empty(nbytes, dtype=np.uint8)
     with _lock:

@@ -48,7 +48,8 @@ def read_source(src: TensorSource, ctx: ReadContext | None = None) -> LoraDelta:
     res = families.resolve(parsed, src.metadata, ctx.peft_config)
     modules, magnitudes, duplicates = families.canonical_modules(parsed, res)
     meta = dict(parsed.metadata)
-    meta["dtypes"] = sorted({src.dtype(k) for k in keys})
+    dtypes = getattr(src, "dtypes", None)
+    meta["dtypes"] = sorted(dtypes() if dtypes is not None else {src.dtype(k) for k in keys})
     meta["family_detection"] = {
         "matched": res.matched,
         "unmatched": res.unmatched[:20],

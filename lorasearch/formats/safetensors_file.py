@@ -188,6 +188,7 @@ class SafetensorsFile:
         self._clean: bool | None = None  # see _f32_clean
         self._half_ok: bool | None = None  # see _half_clean
         self._one_pass: bool | None = None  # see _one_pass_candidate
+        self._dtypes: set[str] | None = None  # see dtypes
         self._pending: dict[int, tuple[str, TensorInfo]] = {}  # see get_deferred: first float32 index -> tensor
         self._pending_starts: list[int] = []
         self._consumed: dict[int, tuple[str, TensorInfo]] = {}  # see widen_into
@@ -297,10 +298,12 @@ class SafetensorsFile:
         itemsize = _ITEMSIZE.get(dtype) if isinstance(dtype, str) else None
         if itemsize is None:
             raise self._bad(f"tensor {key!r} has unknown dtype {dtype!r}", "bad_dtype")
-        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+        # plain ints (not bools, not floats) first, the slower general check only when that fails
+        if type(shape) is not list or [d for d in shape if type(d) is not int or d < 0]:
             if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
                 raise self._bad(f"tensor {key!r} has an invalid shape {shape!r} (need non-negative integers)", "bad_header")
-        if type(offs) is not list or len(offs) != 2 or not all(type(o) is int and o >= 0 for o in offs):
+        if (type(offs) is not list or len(offs) != 2 or type(offs[0]) is not int or type(offs[1]) is not int
+                or offs[0] < 0):
             if not isinstance(offs, list) or len(offs) != 2 or not all(_is_uint(o) for o in offs):
                 raise self._bad(f"tensor {key!r} has invalid data_offsets {offs!r}", "bad_offsets")
         start, end = offs
@@ -316,6 +319,14 @@ class SafetensorsFile:
     def _check_spans(self, infos: dict[str, TensorInfo]) -> None:
         """Tensors must tile the data section exactly, as the safetensors library requires."""
         pos = 0
+        for info in infos.values():  # writers list the tensors in data order: no sort then
+            if info.start != pos:
+                break
+            pos = info.end
+        else:
+            self._check_data_length(pos)
+            return
+        pos = 0
         # tuples sort in C; a key function per tensor was a quarter of parsing an SDXL header
         for start, end, key in sorted([(i.start, i.end, k) for k, i in infos.items()]):
             if start < pos:
@@ -323,6 +334,10 @@ class SafetensorsFile:
             if start > pos:
                 raise self._bad(f"gap of {start - pos} bytes before tensor {key!r} (offset {start}, expected {pos})", "bad_offsets")
             pos = end
+        self._check_data_length(pos)
+
+    def _check_data_length(self, pos: int) -> None:
+        """The tensors end at ``pos``: exactly where the file does."""
         data_len = self.size - self.data_start
         if pos > data_len:
             raise self._bad(f"truncated: the tensors need {pos} data bytes, the file has {data_len}", "truncated")
@@ -771,10 +786,16 @@ class SafetensorsFile:
             self._widened_view.flags.writeable = False
         return self._widened
 
+    def dtypes(self) -> set[str]:
+        """The dtypes of the file's tensors."""
+        if self._dtypes is None:
+            self._dtypes = {i.dtype for i in self.tensors.values()}
+        return set(self._dtypes)
+
     def _one_pass_candidate(self) -> bool:
         """Whether ``_half_clean`` may widen this file in one pass (from the header alone)."""
         if self._one_pass is None:
-            dtypes = {i.dtype for i in self.tensors.values()}
+            dtypes = self.dtypes()
             self._one_pass = (self.size - self.data_start <= _ONE_PASS_MAX and len(dtypes) == 1
                               and dtypes <= _HALF and all(i.start % 2 == 0 for i in self.tensors.values()))
         return self._one_pass
