@@ -140,7 +140,7 @@ def decode_lora(mod: str, get: Getter, roles: dict[str, str], rule: AlphaRule) -
         raise _chain_error(mod, f"factors do not chain: up {_shp(up)} x down {_shp(down)}")
     if up.ndim > 2:
         _check_1x1(mod, "conv up", up)
-    up2d = up.reshape(up.shape[0], r)
+    up2d = up if up.ndim == 2 else up.reshape(up.shape[0], r)  # the array itself when 2-D already
     scale = rule.scale(_alpha(mod, get, roles), r)
     if "mid" in roles:
         mid = get(roles["mid"])
@@ -150,7 +150,7 @@ def decode_lora(mod: str, get: Getter, roles: dict[str, str], rule: AlphaRule) -
         f = _tucker(mod, "LoCon", mid, up2d, down.reshape(r, -1))
         return Factored(f.up, f.down, scale, (int(up.shape[0]), int(down.shape[1]), *_shp(mid)[2:]))
     shape = (up.shape[0], *down.shape[1:])  # numpy shapes hold Python ints
-    return Factored(up2d, down.reshape(r, -1), scale, shape)
+    return Factored(up2d, down if down.ndim == 2 else down.reshape(r, -1), scale, shape)
 
 
 def _loha_half(mod: str, get: Getter, roles: dict[str, str], i: int) -> tuple[Factored, int, tuple[int, ...]]:

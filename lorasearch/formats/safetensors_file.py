@@ -191,6 +191,7 @@ class SafetensorsFile:
         self._dtypes: set[str] | None = None  # see dtypes
         self._pending: dict[int, tuple[str, TensorInfo]] = {}  # see get_deferred: first float32 index -> tensor
         self._pending_starts: list[int] = []
+        self._handed: dict[int, tuple[np.ndarray, int]] = {}  # id -> (array get_deferred returned, its first index)
         self._consumed: dict[int, tuple[str, TensorInfo]] = {}  # see widen_into
         self._widened_ptr = 0  # address of _widened's first value
         self._widened_view: np.ndarray | None = None  # _widened, read-only (what get_deferred hands out)
@@ -232,6 +233,7 @@ class SafetensorsFile:
         self._finalizer()
         self._fh = None
         self._data = self._widened = self._widened_view = self._data_u16 = None  # arrays sliced from them keep their own reference
+        self._handed = {}
 
     def __enter__(self) -> SafetensorsFile:
         return self
@@ -593,7 +595,9 @@ class SafetensorsFile:
         if view is None:
             self._widened_buffer()
             view = self._widened_view
-        return view[first:first + (end - start) // 2].reshape(shape)  # read-only: a view of a read-only view
+        out = view[first:first + (end - start) // 2].reshape(shape)  # read-only: a view of a read-only view
+        self._handed[id(out)] = (out, first)  # kept alive: the id stays its own
+        return out
 
     def fill(self, arr: np.ndarray) -> None:
         """Write the values of every deferred tensor ``arr`` views (see ``get_deferred``).
@@ -696,6 +700,9 @@ class SafetensorsFile:
         if not self._pending or self._widened is None or arr.dtype is not _F32 or not arr.size:
             return None
         base = self._widened_ptr
+        hit = self._handed.get(id(arr))
+        if hit is not None and hit[0] is arr:  # an array get_deferred handed out, as it is
+            return (hit[1], base + 4 * hit[1]) if hit[1] in self._pending else None
         ptr = arr.__array_interface__["data"][0]
         first = (ptr - base) >> 2
         entry = self._pending.get(first) if arr.flags.c_contiguous else None
@@ -718,7 +725,14 @@ class SafetensorsFile:
             (dtype, byte offset of the tensor in the data section, its element count,
             ``arr``'s offset into it in elements, ``arr``'s shape, its strides in elements).
         """
-        if arr.flags.c_contiguous and arr.dtype is _F32:  # the usual case: a whole tensor, reshaped
+        hit = self._handed.get(id(arr))
+        if hit is not None and hit[0] is arr:  # an array get_deferred handed out, as it is
+            entry = self._pending.get(hit[1])
+            if entry is None:
+                return None
+            info = entry[1]
+            return (info.dtype, info.start, arr.size, 0, arr.shape, _steps(arr.strides))
+        if arr.flags.c_contiguous and arr.dtype is _F32:  # a whole tensor, reshaped
             entry = self._pending.get((arr.__array_interface__["data"][0] - self._widened_ptr) >> 2)
             if entry is not None and (entry[1].end - entry[1].start) == 2 * arr.size:
                 info = entry[1]
