@@ -276,7 +276,7 @@ def _pread_exact(fd: int, buf: np.ndarray, offset: int) -> None:
 def _sketch_job(path: str, identity: tuple[int, ...], data_start: int, family: str, k: int,
                 items: list[Item], scratch: list[np.ndarray]) -> dict[str, np.ndarray]:
     from lorasearch.delta import Factored
-    from lorasearch.formats.safetensors_file import _widen_into
+    from lorasearch.formats.safetensors_file import SpanCaster
     from lorasearch.sketch import gaussian, module_sketch
 
     fd = os.open(path, os.O_RDONLY)
@@ -285,14 +285,16 @@ def _sketch_job(path: str, identity: tuple[int, ...], data_start: int, family: s
         if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != tuple(identity):
             raise OSError("the file changed after the caller opened it")
 
+        casts = [SpanCaster(), SpanCaster()]
+
         def widened(start: int, n: int, dtype: str, i: int) -> np.ndarray:
             """Elements ``[start, start + n)`` of the data section (bytes / 2) as float32, in scratch ``i``."""
             if scratch[2 * i].size < n:
                 scratch[2 * i] = np.empty(max(n, 1 << 20), np.uint16)
                 scratch[2 * i + 1] = np.empty(max(n, 1 << 20), np.float32)
-            codes, out = scratch[2 * i][:n], scratch[2 * i + 1]
-            _pread_exact(fd, codes, data_start + 2 * start)
-            _widen_into(codes, out[:n], dtype)
+            codes, out = scratch[2 * i], scratch[2 * i + 1]
+            _pread_exact(fd, codes[:n], data_start + 2 * start)
+            casts[i].widen(codes, 0, n, out, dtype)
             return out
 
         def view(spec: Spec, out: np.ndarray, origin: int) -> np.ndarray:

@@ -192,6 +192,7 @@ class SafetensorsFile:
         self._pending: dict[int, tuple[str, TensorInfo]] = {}  # see get_deferred: first float32 index -> tensor
         self._pending_starts: list[int] = []
         self._handed: dict[int, tuple[np.ndarray, int]] = {}  # id -> (array get_deferred returned, its first index)
+        self._casts = SpanCaster()  # widen_pair_into's casts
         self._consumed: dict[int, tuple[str, TensorInfo]] = {}  # see widen_into
         self._widened_ptr = 0  # address of _widened's first value
         self._widened_view: np.ndarray | None = None  # _widened, read-only (what get_deferred hands out)
@@ -234,6 +235,7 @@ class SafetensorsFile:
         self._fh = None
         self._data = self._widened = self._widened_view = self._data_u16 = None  # arrays sliced from them keep their own reference
         self._handed = {}
+        self._casts = SpanCaster()
 
     def __enter__(self) -> SafetensorsFile:
         return self
@@ -277,7 +279,17 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise self._bad(f"header is a JSON {_json_type(header)}, not an object", "bad_header")
         meta = self._check_metadata(header.pop("__metadata__", None))
-        infos = {key: self._check_entry(key, entry) for key, entry in header.items()}
+        infos: dict[str, TensorInfo] = {}
+        for key, entry in header.items():
+            # the common, valid entry in one expression; anything else gets _check_entry's verdict
+            try:
+                dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+                ok = (type(shape) is list and type(start) is int and type(end) is int and 0 <= start <= end
+                      and not [d for d in shape if type(d) is not int or d < 0]
+                      and end - start == math.prod(shape) * _ITEMSIZE[dtype])
+            except (TypeError, KeyError, ValueError):
+                ok = False
+            infos[key] = TensorInfo(dtype, tuple(shape), start, end) if ok else self._check_entry(key, entry)
         self._check_spans(infos)
         return infos, meta
 
@@ -678,7 +690,7 @@ class SafetensorsFile:
             data = self._data if self._data is not None else self._data_section()
             assert data is not None  # deferred tensors exist only for files held in memory
             self._data_u16 = np.frombuffer(data, dtype="<u2", count=len(data) // 2)
-        _widen_into(self._data_u16[lo:hi], scratch[:hi - lo], ea[1].dtype)
+        self._casts.widen(self._data_u16, lo, hi, scratch, ea[1].dtype)
         origin = self._widened_ptr + 4 * lo
         out = []
         for arr, found, entry in ((a, fa, ea), (b, fb, eb)):
@@ -955,6 +967,28 @@ def _widen_into(u16: np.ndarray, out: np.ndarray, dtype: str) -> None:
         np.take(_F16_TABLE, u16, out=out, mode="clip")  # "clip": no bounds-check buffering; codes are all in range
     else:
         np.copyto(out, u16.view(np.float16))
+
+
+class SpanCaster:
+    """``_widen_into`` of spans of one code buffer into the start of one scratch buffer, cast
+    after cast: torch's views of both buffers are made once, not once per cast (a module's
+    cast is a few microseconds of Python besides its copy)."""
+
+    def __init__(self) -> None:
+        self._src: tuple[np.ndarray, str, Any] | None = None
+        self._dst: tuple[np.ndarray, Any] | None = None
+
+    def widen(self, codes: np.ndarray, lo: int, hi: int, out: np.ndarray, dtype: str) -> None:
+        """``out[:hi - lo] = float32(codes[lo:hi])`` for F16/BF16 codes (uint16), exactly."""
+        torch = _torch() if hi - lo >= _FAST_CAST_MIN else None
+        if torch is None or not codes.flags.writeable or not out.flags.writeable:
+            _widen_into(codes[lo:hi], out[:hi - lo], dtype)
+            return
+        if self._src is None or self._src[0] is not codes or self._src[1] != dtype:
+            self._src = (codes, dtype, torch.from_numpy(codes).view(torch.float16 if dtype == "F16" else torch.bfloat16))
+        if self._dst is None or self._dst[0] is not out:
+            self._dst = (out, torch.from_numpy(out))
+        self._dst[1][:hi - lo].copy_(self._src[2][lo:hi])
 
 
 def _steps(strides: tuple[int, ...]) -> tuple[int, ...]:
