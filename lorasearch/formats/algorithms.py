@@ -258,7 +258,7 @@ def _alpha(mod: str, get: Getter, roles: dict[str, str]) -> float | None:
     a = get(roles["alpha"])
     if a.size != 1:
         raise _chain_error(mod, f"alpha tensor {roles['alpha']!r} has {a.size} values, expected one")
-    return float(a.reshape(()))
+    return float(a) if a.ndim == 0 else float(a.reshape(()))
 
 
 def decode_glora(mod: str, get: Getter, roles: dict[str, str], rule: AlphaRule) -> NeedsBase:

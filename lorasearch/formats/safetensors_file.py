@@ -547,7 +547,7 @@ class SafetensorsFile:
         is not finite (``get``'s general path then raises with the usual message)."""
         data = self._data
         if data is None and self._prefetch is not None:
-            if self._prefetch[0].is_alive():
+            if not self._prefetch[2]:  # the thread puts "got" or "error" there as it ends
                 try:  # the section is still being read: these two bytes on their own
                     raw: bytes | memoryview = os.pread(self._fd, 2, self.data_start + info.start)
                 except OSError:
