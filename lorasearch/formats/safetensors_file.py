@@ -86,6 +86,7 @@ _DIRECT_MAX = 64 << 10  # tensors up to this size are read on their own while a 
 _PREFETCH_MIN = 16 << 20  # smaller data sections are read in the caller's thread (a thread costs more)
 _SCALAR_MAX = 8  # 16-bit tensors up to this many bytes are decoded on their own
 _F16_SCALAR = struct.Struct("<e")
+_SCALARS: dict[tuple[bytes, str, tuple[int, ...]], np.ndarray] = {}  # see _scalar16
 _F32_SCALAR = struct.Struct("<f")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -560,16 +561,23 @@ class SafetensorsFile:
             raw = data[info.start:info.end]
         elif self._prefetch is None:
             raw = bytes(self._bytes(key, info))
+        raw = bytes(raw)
+        cache_key = (raw, info.dtype, info.shape)
+        out = _SCALARS.get(cache_key)  # most files repeat one alpha: one read-only array for all
+        if out is not None:
+            return out
         if info.dtype == "F16":
             value = _F16_SCALAR.unpack(raw)[0]
         else:
-            value = _F32_SCALAR.unpack(b"\0\0" + bytes(raw))[0]  # bfloat16 is the high half of a float32
+            value = _F32_SCALAR.unpack(b"\0\0" + raw)[0]  # bfloat16 is the high half of a float32
         if not math.isfinite(value):
             return None
         out = np.array(value, dtype=np.float32)
         if info.shape:
             out = out.reshape(info.shape)
         out.flags.writeable = False
+        if len(_SCALARS) < 4096:
+            _SCALARS[cache_key] = out
         return out
 
     def get_deferred(self, key: str) -> np.ndarray:
