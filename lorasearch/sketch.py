@@ -89,20 +89,20 @@ def _kron_sketch(d: Kronecker, L: np.ndarray, R: np.ndarray) -> np.ndarray:
     return d.scale * np.einsum("ibc,jcb->ij", T, U)
 
 
-# A product over more than _LONG_K terms is summed from _PIECE_K-term pieces. OpenBLAS
-# (0.3.x, SkylakeX kernels) multiplies a k×K by K×r (k = 8, r ≈ 32) at ~90 GFLOP/s up
-# to K = 4096 and at 30-50 beyond, where it packs the long operand first; 2048-term
-# pieces stay fast (SDXL's feed-forward and 3×3 conv factors, K = 5120-23040: about
-# 2× faster). The pieces' sums round differently from one call, but every sketch
+# A product over _LONG_K or more terms is summed from _PIECE_K-term pieces. OpenBLAS
+# (0.3.x, SkylakeX kernels) multiplies a k×K by K×r (k = 8, r ≈ 32) at ~100 GFLOP/s up
+# to K = 3840 and at 30-50 from K = 4096, where it packs the long operand first;
+# 3072-term pieces stay fast (SDXL's feed-forward and 3×3 conv factors, K = 5120-23040:
+# about 2× faster). The pieces' sums round differently from one call, but every sketch
 # goes through here, so each file still gets one answer.
 _LONG_K = 4096
-_PIECE_K = 2048
+_PIECE_K = 3072
 
 
 def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a @ b`` for 2-D float32 arrays, in pieces along a long inner dimension."""
     n = a.shape[1]
-    if n <= _LONG_K:
+    if n < _LONG_K:
         return a @ b
     out = a[:, :_PIECE_K] @ b[:_PIECE_K]
     for s in range(_PIECE_K, n, _PIECE_K):
