@@ -28,7 +28,7 @@ NOT_BENCHMARKS = {"common", "run_all"}
 # a flag is passed only if the script defines it).
 QUICK_FALLBACK: dict[str, list[str]] = {
     "sketch_error": ["--draws", "1"],
-    "embed_cost": ["--repeats", "1", "--sdxl-repeats", "1", "--skip-sdxl"],
+    "embed_cost": ["--repeats", "1", "--sdxl-repeats", "1", "--skip-sdxl", "--pairs", "2"],
     "http_latency": ["--requests", "6"],
 }
 
