@@ -172,3 +172,18 @@ def test_module_groups_of_dotted_and_flattened_names(name: str, groups: set[str]
     from lorasearch.sketch import module_groups
 
     assert set(module_groups(name)) == groups
+
+
+@pytest.mark.parametrize("inner", [4095, 4096, 9000, 23040])
+def test_long_products_summed_in_pieces_stay_exact(inner: int) -> None:
+    """Sketch products with a long inner dimension (summed from pieces) match float64 to float32 rounding."""
+    from lorasearch.sketch import module_sketch
+
+    rng = np.random.default_rng(inner)
+    d = Factored(rng.standard_normal((inner, 16)).astype(np.float32), rng.standard_normal((16, inner)).astype(np.float32), 0.5)
+    L = rng.standard_normal((8, inner)).astype(np.float32)
+    R = rng.standard_normal((8, inner)).astype(np.float32)
+    want = 0.5 * (L.astype(np.float64) @ d.up.astype(np.float64)) @ (d.down.astype(np.float64) @ R.T.astype(np.float64))
+    got = module_sketch(d, L, R)
+    assert got.dtype == np.float32
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

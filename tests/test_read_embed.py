@@ -312,3 +312,51 @@ def test_helper_that_hangs_is_stopped(tmp_path: Path, defer_everything: None, mo
     assert helper.broken and helper._proc.poll() is not None
     _assert_same_embedding(e, e0, path.name)
     assert sketch_helper.wait_ready(120)
+
+
+def test_prefetch_started_at_open_stops_with_a_bad_header(tmp_path: Path, defer_everything: None) -> None:
+    """The data section is read while the header is parsed; a header that fails leaves no reading thread."""
+    import struct
+    import threading
+
+    path = tmp_path / "bad_header.safetensors"
+    head = b'{"w": {"dtype": "F16", "shape": [4], "data_offsets": [0, 8]}'  # no closing brace
+    path.write_bytes(struct.pack("<Q", len(head)) + head + bytes(8))
+    with pytest.raises(BadInput) as e:
+        safetensors_file.SafetensorsFile(path, prefetch=True)
+    assert e.value.code == "bad_header"
+    assert not [t for t in threading.enumerate() if t.name == "safetensors-prefetch"]
+    good = _kohya_file(tmp_path, "F16")
+    with safetensors_file.SafetensorsFile(good, prefetch=True) as st:
+        assert st._prefetch is not None or st._data is not None  # started before the parse finished
+        key = st.keys()[0]
+        want = st.get(key).copy()
+    with safetensors_file.SafetensorsFile(good) as st:
+        assert np.array_equal(st.get(key), want)
+
+
+def test_summary_made_in_place_equals_a_new_one(tmp_path: Path) -> None:
+    from lorasearch.delta import without_values
+
+    path = _kohya_file(tmp_path, "F16")
+    fresh = without_values(load_lora(path))
+    reused = without_values(load_lora(path), reuse=True)
+    assert fresh.modules.keys() == reused.modules.keys()
+    for n, d in fresh.modules.items():
+        r = reused.modules[n]
+        assert (type(r), r.rank, r.scale, r.shape, r.matrix_shape) == (type(d), d.rank, d.scale, d.shape, d.matrix_shape)
+        assert r.up.size == 0 and r.down.size == 0
+
+
+def test_keep_freed_memory_leaves_a_users_malloc_tuning(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+
+    def no_libc(*_: Any) -> None:
+        raise AssertionError("mallopt must not be called")
+
+    monkeypatch.setattr(buffer_pool, "_malloc_tuned", False)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    monkeypatch.setattr(ctypes, "CDLL", no_libc)
+    buffer_pool.keep_freed_memory()
+    assert buffer_pool._malloc_tuned
+    buffer_pool.keep_freed_memory()  # once per process

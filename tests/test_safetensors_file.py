@@ -205,3 +205,19 @@ def test_one_half_type_file_is_widened_at_once_or_tensor_by_tensor(tmp_path: Pat
             got = st.get(k)
             assert got.dtype == np.float32 and got.shape == tuple(t.shape) and not got.flags.writeable
             np.testing.assert_array_equal(got, t.to(torch.float32).numpy())
+
+
+def test_header_listed_out_of_data_order(tmp_path: Path) -> None:
+    """Writers list tensors in data order (checked without a sort); any other order is valid too."""
+    import json
+    import struct
+
+    a, b = np.arange(4, dtype=np.float32), np.arange(4, 10, dtype=np.float32)
+    header = {"b": {"dtype": "F32", "shape": [6], "data_offsets": [16, 40]},
+              "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}
+    raw = json.dumps(header).encode()
+    path = tmp_path / "reversed.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + a.tobytes() + b.tobytes())
+    with SafetensorsFile(path) as st:
+        assert st.keys() == ["b", "a"]
+        assert np.array_equal(st.get("a"), a) and np.array_equal(st.get("b"), b)
