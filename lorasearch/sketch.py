@@ -140,7 +140,9 @@ def sketch_shape(d: Delta) -> tuple[int, int]:
 # overhead, not arithmetic (an SD1.5 LoRA is ~130 modules of a few k elements).
 # Bigger factors are not copied into a stack. The batched products run the same
 # BLAS call per module (``np.matmul`` loops over the batch; ``A.T @ A`` is syrk
-# either way), so both paths give the same bits.
+# either way), so both paths give the same bits for inner dimensions under
+# _LONG_K; above it (a rank ≤ 4 factor) a module's bits depend on its path, which
+# every caller decides alike (``is_stacked``).
 _BATCH_MAX = 1 << 14
 
 

@@ -9,8 +9,9 @@ threads ran 0.93× one). A process has its own GIL: the streaming reader
 part of the modules, where their 16-bit factors lie in the file; the helper
 reads those bytes itself (``pread``, no mmap: a file cut meanwhile gives a
 short read, not SIGBUS), widens and sketches them with the same functions,
-and sends back the k×k sketches (one stacked array and their names). They are the same bits as sketched in the
-caller (exact casts, the same products on the same shapes).
+and sends back the k×k sketches (one stacked array and their names). They are
+the same bits as sketched in the caller (exact casts, the same products on the
+same shapes).
 
 The helper starts in the background on first use (the caller does all the
 work itself until it is ready), keeps its own Gaussian cache and exits when

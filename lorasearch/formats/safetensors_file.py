@@ -86,8 +86,8 @@ _DIRECT_MAX = 64 << 10  # tensors up to this size are read on their own while a 
 _PREFETCH_MIN = 16 << 20  # smaller data sections are read in the caller's thread (a thread costs more)
 _SCALAR_MAX = 8  # 16-bit tensors up to this many bytes are decoded on their own
 _F16_SCALAR = struct.Struct("<e")
-_SCALARS: dict[tuple[bytes, str, tuple[int, ...]], np.ndarray] = {}  # see _scalar16
 _F32_SCALAR = struct.Struct("<f")
+_SCALARS: dict[tuple[bytes, str, tuple[int, ...]], np.ndarray] = {}  # see _scalar16
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -546,9 +546,9 @@ class SafetensorsFile:
     def _scalar16(self, key: str, info: TensorInfo) -> np.ndarray | None:
         """A one-value F16/BF16 tensor as float32, decoded with ``struct`` (exact); None when it
         is not finite (``get``'s general path then raises with the usual message)."""
-        data = self._data
-        if data is None and self._prefetch is not None:
-            if not self._prefetch[2]:  # the thread puts "got" or "error" there as it ends
+        data, pf = self._data, self._prefetch  # read once: a hashing thread may end the prefetch meanwhile
+        if data is None and pf is not None:
+            if not pf[2]:  # the thread puts "got" or "error" there as it ends
                 try:  # the section is still being read: these two bytes on their own
                     raw: bytes | memoryview = os.pread(self._fd, 2, self.data_start + info.start)
                 except OSError:
@@ -559,7 +559,7 @@ class SafetensorsFile:
                 data = self._data_section()  # read: the join returns at once
         if data is not None:
             raw = data[info.start:info.end]
-        elif self._prefetch is None:
+        elif pf is None:
             raw = bytes(self._bytes(key, info))
         raw = bytes(raw)
         cache_key = (raw, info.dtype, info.shape)
