@@ -45,7 +45,7 @@ each file back to back (read first in even rounds, embed first in odd ones),
 apart from the other stages. Files are in the OS page cache (warm) for every
 stage except the 'evicted' ones.
 
-Run: ``python bench/embed_cost.py [--repeats 5] [--pairs 21] [--profile] [--write]``.
+Run: ``python bench/embed_cost.py [--repeats 5] [--pairs 31] [--profile] [--write]``.
 """
 from __future__ import annotations
 
@@ -406,7 +406,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sdxl-repeats", type=int, default=5)
-    ap.add_argument("--pairs", type=int, default=31, help="rounds of the paired read/embed measurement (the headline)")
+    ap.add_argument("--pairs", type=int, default=31, help="rounds of the paired read/embed measurement (a second measure of embed ÷ read)")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--tmp", type=Path, default=None, help="folder for the synthetic SDXL file (default: a temp dir)")
     ap.add_argument("--skip-sdxl", action="store_true")
