@@ -61,7 +61,7 @@ def keep_freed_memory() -> None:
         return
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no C library to load by name, or no mallopt in it
         return
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt(_M_MMAP_THRESHOLD, _MALLOC_MMAP_THRESHOLD)
