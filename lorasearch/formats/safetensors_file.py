@@ -206,7 +206,6 @@ class SafetensorsFile:
         except OSError as exc:
             raise BadInput(f"{self.path}: cannot open: {exc.strerror or exc}", code="unreadable") from None
         self._fh = fh
-        self._fd = fh.fileno()
         # Closes the handle when the object is collected without close().
         self._finalizer = weakref.finalize(self, fh.close)
         try:
@@ -366,7 +365,12 @@ class SafetensorsFile:
             raise ValueError(f"{self.path}: SafetensorsFile is closed")
         try:
             if hasattr(os, "pread"):
-                parts = []
+                first = os.pread(fh.fileno(), n, offset)
+                if len(first) == n or not first:  # the usual case: one call (an alpha: 2 bytes)
+                    return first
+                parts = [first]
+                n -= len(first)
+                offset += len(first)
                 while n > 0:  # pread may return short reads on some systems
                     b = os.pread(fh.fileno(), n, offset)
                     if not b:
@@ -549,10 +553,8 @@ class SafetensorsFile:
         data, pf = self._data, self._prefetch  # read once: a hashing thread may end the prefetch meanwhile
         if data is None and pf is not None:
             if not pf[2]:  # the thread puts "got" or "error" there as it ends
-                try:  # the section is still being read: these two bytes on their own
-                    raw: bytes | memoryview = os.pread(self._fd, 2, self.data_start + info.start)
-                except OSError:
-                    raw = self._pread(2, self.data_start + info.start)  # raises with the usual message
+                # the section is still being read: these two bytes on their own
+                raw: bytes | memoryview = self._pread(2, self.data_start + info.start)
                 if len(raw) != 2:
                     raise self._bad(f"truncated while reading {key!r} (the file changed after it was opened?)", "truncated")
             else:
@@ -593,10 +595,6 @@ class SafetensorsFile:
         info = self.tensors[key]
         dtype, shape, start, end = info
         if dtype not in _HALF or end - start < 2 * _FAST_CAST_MIN or start % 2 or not self._preload:
-            if end - start == 2 and dtype in _HALF:  # an alpha: get's own shortcut, without the detour
-                one = self._scalar16(key, info)
-                if one is not None:
-                    return one
             return self.get(key)
         one_pass = self._one_pass
         if one_pass is None:
@@ -745,18 +743,6 @@ class SafetensorsFile:
             (dtype, byte offset of the tensor in the data section, its element count,
             ``arr``'s offset into it in elements, ``arr``'s shape, its strides in elements).
         """
-        hit = self._handed.get(id(arr))
-        if hit is not None and hit[0] is arr:  # an array get_deferred handed out, as it is
-            entry = self._pending.get(hit[1])
-            if entry is None:
-                return None
-            info = entry[1]
-            return (info.dtype, info.start, arr.size, 0, arr.shape, _steps(arr.strides))
-        if arr.flags.c_contiguous and arr.dtype is _F32:  # a whole tensor, reshaped
-            entry = self._pending.get((arr.__array_interface__["data"][0] - self._widened_ptr) >> 2)
-            if entry is not None and (entry[1].end - entry[1].start) == 2 * arr.size:
-                info = entry[1]
-                return (info.dtype, info.start, arr.size, 0, arr.shape, _steps(arr.strides))
         found = self._deferred_tensor(arr)
         if found is None:
             return None
