@@ -15,7 +15,10 @@ hashes, part of a large file's modules is sketched meanwhile by a helper
 process (``lorasearch.sketch_helper``) that reads their factors from the file
 itself; with hashes, the two digests take that core instead (one thread
 each, beside the embedding: faster than the helper, since hashing costs
-more than sketching). Python's cyclic garbage collector is paused while the
+more than sketching). When the factors are not kept, the helper takes the
+modules stored in the second part of the data section and this process never
+reads that part (copying a file out of the page cache runs at ~6 GB/s here:
+the second copy of half an SDXL-size file cost ~20 ms of CPU). Python's cyclic garbage collector is paused while the
 header's ~10,000 small objects are made and dropped (its full passes over a
 busy worker's heap cost as much as the parse).
 """
@@ -44,6 +47,12 @@ HELPER_MIN_BYTES = 64 << 20
 # The helper's share of the factor elements (measured on the SDXL-size file: 0.45
 # left the caller last, 0.55 the helper; 0.5 made both finish together).
 HELPER_SHARE = 0.5
+# The helper's share of the data section when it takes the modules stored in its tail
+# (factors not kept: this process never reads that part). It reads its share itself
+# while this process's part was read in the background: measured on the SDXL-size
+# file, at 0.5 the caller waited ~10 ms for the helper, at 0.45 ~2 ms, at 0.42 the
+# caller finished last.
+HELPER_TAIL = 0.45
 
 
 def load_and_embed(
@@ -76,26 +85,56 @@ def load_and_embed(
     """
     spare_core = sketch_helper.enabled()  # false where the caller was given one core (pool workers, Ray tasks)
     hash_threads = 2 if spare_core else HASH_THREADS
-    with _gc_paused(), opened_lora(path, config, max_bytes, hashes, defer=True, hash_threads=hash_threads) as (ld, st):
-        if not st.unfilled:
-            return (ld if keep_factors else without_values(ld)), embed(ld, k, dim)
-        use_helper = (spare_core and not hashes and st.size >= HELPER_MIN_BYTES) if helper is None else helper
-        emb = embedding_of(ld.family, k, dim, _sketch_streamed(ld, st, k, use_helper, keep_factors))
-        if keep_factors:
-            st.fill_all()  # tensors no sketch used (the helper's modules are written already)
-            return ld, emb
-        if not all(map(math.isfinite, emb.norms.values())):  # a sketch is finite iff its norm is
-            st.check_consumed()  # raises non_finite naming the tensor
-        st.fill_all()  # tensors no sketch used are still checked
-        return without_values(ld, reuse=True), emb
+    held = _helper_before_open(path, hashes, keep_factors, helper, spare_core)
+    # the helper's share of the data section is left to it: this process reads the rest
+    upto = 1.0 - HELPER_TAIL if held is not None else 1.0
+    try:
+        with _gc_paused(), opened_lora(path, config, max_bytes, hashes, defer=True, hash_threads=hash_threads,
+                                       prefetch_upto=upto) as (ld, st):
+            if not st.unfilled:
+                return (ld if keep_factors else without_values(ld)), embed(ld, k, dim)
+            use_helper = (spare_core and not hashes and st.size >= HELPER_MIN_BYTES) if helper is None else helper
+            taken, held = held, None  # _sketch_streamed gives it back
+            sketches = _sketch_streamed(ld, st, k, use_helper or taken is not None, keep_factors, taken)
+            return _finish(ld, st, embedding_of(ld.family, k, dim, sketches), keep_factors)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _finish(ld: LoraDelta, st: SafetensorsFile, emb: Embedding, keep_factors: bool) -> tuple[LoraDelta, Embedding]:
+    """The LoraDelta (its factors written, or its summary) once every module is sketched."""
+    if keep_factors:
+        st.fill_all()  # tensors no sketch used (the helper's modules are written already)
+        return ld, emb
+    if not all(map(math.isfinite, emb.norms.values())):  # a sketch is finite iff its norm is
+        st.check_consumed()  # raises non_finite naming the tensor
+    st.fill_all()  # tensors no sketch used are still checked
+    return without_values(ld, reuse=True), emb
+
+
+def _helper_before_open(path: str | Path, hashes: bool, keep_factors: bool, helper: bool | None,
+                        spare_core: bool) -> sketch_helper.SketchHelper | None:
+    """The helper, taken before the file is opened when it is to sketch the modules in the
+    second part of the data section (so that part is not read ahead here): the factors
+    are not kept, no hashes are asked for, and the file is large enough (see ``load_and_embed``)."""
+    if keep_factors or hashes or helper is False or (helper is None and not spare_core):
+        return None
+    try:
+        size = os.stat(path).st_size if os.path.isfile(path) else 0
+    except OSError:  # opened_lora says what is wrong
+        return None
+    if helper is None and size < HELPER_MIN_BYTES:
+        return None
+    return sketch_helper.get()
 
 
 def _sketch_streamed(ld: LoraDelta, st: SafetensorsFile, k: int, use_helper: bool,
-                     keep: bool) -> dict[str, np.ndarray]:
+                     keep: bool, held: sketch_helper.SketchHelper | None = None) -> dict[str, np.ndarray]:
     """Every module's sketch, each widened right before it is sketched (into its place in
     the file's float32 buffer with ``keep``, else into a reused buffer); part of them
-    sketched by the helper process when one is free (``keep``: their factors are
-    written here meanwhile)."""
+    sketched by the helper process when one is free (``held``: one the caller took;
+    ``keep``: their factors are written here meanwhile)."""
     scratch = _Scratch()
 
     def fill(d: Delta) -> None:
@@ -131,7 +170,7 @@ def _sketch_streamed(ld: LoraDelta, st: SafetensorsFile, k: int, use_helper: boo
         mods = {n: d for n, d in ld.modules.items() if n in names}
         return sketch_lora(dataclasses.replace(ld, modules=mods), k, prepare)
 
-    helper = sketch_helper.get() if use_helper else None
+    helper = held if held is not None else sketch_helper.get() if use_helper else None
     if helper is None:
         return sketch_lora(ld, k, prepare)
     try:
@@ -167,17 +206,22 @@ def _sketch_streamed(ld: LoraDelta, st: SafetensorsFile, k: int, use_helper: boo
 
 
 def _helper_items(ld: LoraDelta, st: SafetensorsFile) -> list[sketch_helper.Item]:
-    """The modules the helper sketches: about ``HELPER_SHARE`` of the deferred factor elements,
-    taken in module order whenever its share lags (the same modules every time: warm caches)."""
+    """The modules the helper sketches: those stored past the part of the data section this
+    process read ahead (``SafetensorsFile.prefetched``) when it read only a part; else about
+    ``HELPER_SHARE`` of the deferred factor elements, taken in module order whenever its share
+    lags (the same modules every time: warm caches)."""
     items: list[sketch_helper.Item] = []
     mine = theirs = 0
+    ahead = st.prefetched
+    partial = ahead < st.size - st.data_start
     for name, d in ld.modules.items():
         if not isinstance(d, Factored) or is_stacked(d):
             continue
         size = d.up.size + d.down.size
-        if theirs < HELPER_SHARE * (mine + theirs):
+        if partial or theirs < HELPER_SHARE * (mine + theirs):
             up, down = st.deferred_spec(d.up), st.deferred_spec(d.down)
-            if up is not None and down is not None and up[1] != down[1]:
+            if (up is not None and down is not None and up[1] != down[1]
+                    and (not partial or min(up[1], down[1]) >= ahead)):
                 p, q = sketch_shape(d)
                 items.append((name, p, q, d.scale, up, down))
                 theirs += size

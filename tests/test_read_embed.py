@@ -210,25 +210,77 @@ def helper() -> sketch_helper.SketchHelper:
 
 
 @pytest.mark.parametrize("stacked", [True, False], ids=["small-modules-stacked", "nothing-stacked"])
+@pytest.mark.parametrize("hashes", [True, False], ids=["hashed-whole-file-read", "tail-left-to-the-helper"])
 def test_helper_gives_the_same_bits(tmp_path: Path, shared_loras: Path, shared_keys: Path, defer_everything: None,
                                     monkeypatch: pytest.MonkeyPatch, helper: sketch_helper.SketchHelper,
-                                    stacked: bool) -> None:
+                                    stacked: bool, hashes: bool) -> None:
     if not stacked:
         monkeypatch.setattr(sketch, "_BATCH_MAX", 0)
     calls: list[int] = []
+    tails: list[bool] = []
     real_items = read_embed._helper_items
 
     def counted(ld: Any, st: Any) -> list[Any]:
         items = real_items(ld, st)
         calls.append(len(items))
+        ahead = st.prefetched
+        tails.append(ahead < st.size - st.data_start)
+        if tails[-1]:  # the helper's modules are those this process did not read ahead
+            assert all(min(it[4][1], it[5][1]) >= ahead for it in items)
         return items
 
     monkeypatch.setattr(read_embed, "_helper_items", counted)
     for path in _files(tmp_path, shared_loras, shared_keys):
         e0 = embed(load_lora(path))
-        ld, e = load_and_embed(path, keep_factors=False, helper=True)
+        ld, e = load_and_embed(path, keep_factors=False, helper=True, hashes=hashes)
         _assert_same_embedding(e, e0, path.name)
+        if hashes:
+            assert ld.source["file_sha256"] == load_lora(path).source["file_sha256"]
     assert sum(calls) > 0 and not helper.broken  # the helper did sketch modules
+    assert any(tails) is not hashes  # without hashes the helper's part of the file is not read here
+
+
+def test_partial_prefetch_only_for_a_reader_that_defers(tmp_path: Path, shared_loras: Path,
+                                                       defer_everything: None) -> None:
+    """A reader that reads every tensor while it decodes has the whole data section read ahead."""
+    from lorasearch.formats.load import opened_lora
+
+    for path, partial in ((_kohya_file(tmp_path, "F16", rank=64), True), (shared_loras / REAL[2], False)):
+        with opened_lora(path, hashes=False, defer=True, prefetch_upto=0.5) as (ld, st):
+            assert (st.prefetched < st.size - st.data_start) is partial, path.name
+            st.fill_all()
+        assert np.array_equal(embed(ld).vectors["delta"], embed(load_lora(path)).vectors["delta"])
+
+
+def test_partial_prefetch_reads_the_rest_when_asked(tmp_path: Path) -> None:
+    """A prefetch of the first part of the data section: tensors past it are read on their own,
+    the whole section (hashes) once asked for, and a file cut in that part is reported."""
+    from lorasearch.hashes import file_hashes
+
+    rng = np.random.default_rng(1)
+    t = {f"t{i:02d}": rng.standard_normal(300_000).astype(np.float16) for i in range(64)}  # 38 MB
+    t["alpha"] = np.ones(1, np.float32)  # two dtypes: read tensor by tensor, not widened in one pass
+    path = tmp_path / "big.safetensors"
+    save_file(t, str(path))
+    want = {k: v.astype(np.float32) for k, v in t.items()}
+    with safetensors_file.SafetensorsFile(path, prefetch=True, prefetch_upto=0.5) as st:
+        n = st.size - st.data_start
+        assert 0 < st.prefetched <= n // 2 and st.prefetched % 4096 == 0
+        tail = [k for k in st.keys() if st.tensors[k].start >= st.prefetched]
+        assert tail and np.array_equal(st.get(tail[-1]), want[tail[-1]])
+        assert st._data is None  # the rest of the section is not read for one tensor
+        for k in st.keys():
+            assert np.array_equal(st.get(k), want[k]), k
+        assert st.hashes() == file_hashes(path, st.header_len)
+        assert st._data is not None
+    with safetensors_file.SafetensorsFile(path, prefetch=True, prefetch_upto=0.5) as st:
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size - 1000)
+        head = min(st.keys(), key=lambda k: st.tensors[k].start)
+        assert np.array_equal(st.get(head), want[head])  # the part read ahead is whole
+        with pytest.raises(BadInput) as e:
+            st.hashes()
+        assert e.value.code == "truncated"
 
 
 def test_helper_that_dies_is_replaced_by_local_work(tmp_path: Path, defer_everything: None,

@@ -49,6 +49,7 @@ class KohyaReader:
 
     name = "kohya"
     priority = 50
+    defers = True  # plain factors may be left unwritten (decode_groups: SafetensorsFile.get_deferred)
 
     def matches(self, keys: list[str], metadata: dict[str, str]) -> bool:
         return any(k.startswith(_PREFIXES) for k in keys)

@@ -32,6 +32,9 @@ def read_source(src: TensorSource, ctx: ReadContext | None = None) -> LoraDelta:
     if not keys:
         raise UnsupportedLayout(f"{ctx.path or 'input'}: unsupported LoRA layout: the file holds no tensors")
     reader = pick_reader(keys, src.metadata, ctx.path)
+    rest = getattr(src, "prefetch_rest", None)
+    if rest is not None and not getattr(reader, "defers", False):  # every tensor is read now: read all ahead
+        rest()
     try:
         parsed = reader.read(src, ctx)
     except BadInput as exc:
@@ -152,7 +155,7 @@ def load_lora(
 @contextlib.contextmanager
 def opened_lora(
     path: str | Path, config: str | Path | dict[str, Any] | None = None, max_bytes: int = DEFAULT_MAX_FILE_BYTES,
-    hashes: bool = True, defer: bool = False, hash_threads: int = HASH_THREADS,
+    hashes: bool = True, defer: bool = False, hash_threads: int = HASH_THREADS, prefetch_upto: float = 1.0,
 ) -> Iterator[tuple[LoraDelta, SafetensorsFile]]:
     """``load_lora`` with its file still open, for a caller that writes deferred factors.
 
@@ -165,6 +168,8 @@ def opened_lora(
             works (hashlib releases the GIL) and land in ``ld.source`` when the
             block ends.
         hash_threads: threads hashing the file (1 or 2).
+        prefetch_upto: with ``defer``, the share of the data section read ahead (from its
+            start) while the header is decoded; the rest is read when asked for.
 
     Yields:
         (the LoraDelta, its open SafetensorsFile).
@@ -176,7 +181,7 @@ def opened_lora(
         cfg_path = Path(config) if config is not None else cfg_path
         cfg = _read_config(cfg_path) if cfg_path is not None else None
     # with defer, the data section is read while the header is parsed and decoded
-    with SafetensorsFile(weights, max_bytes=max_bytes, prefetch=defer) as st:
+    with SafetensorsFile(weights, max_bytes=max_bytes, prefetch=defer, prefetch_upto=prefetch_upto) as st:
         st.defer = defer
         ld = read_source(st, ReadContext(path=str(weights), peft_config=cfg))
         ld.source = {

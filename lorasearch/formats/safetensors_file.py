@@ -26,7 +26,9 @@ are read tensor by tensor.
 
 ``get_deferred``, ``fill``, ``widen_into`` and ``prefetch`` serve the streaming
 reader (``lorasearch.read_embed``): factors widened to float32 module by
-module as they are sketched, the data section read while the header is decoded.
+module as they are sketched, the data section read while the header is decoded
+(only its first part when another process sketches the modules stored in the
+rest: bytes past the prefetched part are read when something asks for them).
 
 Nothing is unpickled and torch is never imported (float8 is decoded with a
 lookup table); when the caller already has torch loaded, its vectorised
@@ -84,6 +86,8 @@ _HALF = frozenset({"F16", "BF16"})
 _ONE_PASS_MAX = 64 << 20  # data bytes up to which a one-type 16-bit file is widened in one pass
 _DIRECT_MAX = 64 << 10  # tensors up to this size are read on their own while a prefetch runs
 _PREFETCH_MIN = 16 << 20  # smaller data sections are read in the caller's thread (a thread costs more)
+_PAGE = 4096  # a partial prefetch ends on a page boundary
+_PREFETCH_CHUNK = 16 << 20  # the prefetch reads in pieces: what it read is usable at once, and it can be told to read on
 _SCALAR_MAX = 8  # 16-bit tensors up to this many bytes are decoded on their own
 _F16_SCALAR = struct.Struct("<e")
 _F32_SCALAR = struct.Struct("<f")
@@ -169,13 +173,14 @@ class SafetensorsFile:
             first access; larger ones tensor by tensor.
         prefetch: start ``prefetch`` as soon as the header's length is known, so
             the data section is read while the header is parsed.
+        prefetch_upto: the share of the data section (from its start) that ``prefetch`` reads.
 
     Raises:
         BadInput: with one of the codes in the module docstring.
     """
 
     def __init__(self, path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_FILE_BYTES,
-                 preload_max: int = PRELOAD_MAX_BYTES, prefetch: bool = False) -> None:
+                 preload_max: int = PRELOAD_MAX_BYTES, prefetch: bool = False, prefetch_upto: float = 1.0) -> None:
         self.path = Path(path)
         refuse_pickle_path(self.path)
         if not self.path.is_file():
@@ -185,6 +190,9 @@ class SafetensorsFile:
         self._lock = threading.Lock()
         self._data_lock = threading.Lock()  # one reader of the data section at a time
         self._data: memoryview | None = None  # the data section, once read whole
+        self._section: np.ndarray | None = None  # its buffer (uint8), filled from the start (see _read_span)
+        self._valid = 0  # bytes of _section read in from its start (set by the prefetch thread as it ends)
+        self._ahead = 0  # bytes of the section read in one piece when any is needed (less after a partial prefetch)
         self._widened: np.ndarray | None = None  # float32 values of F16/BF16 tensors, by data offset / 2
         self._clean: bool | None = None  # see _f32_clean
         self._half_ok: bool | None = None  # see _half_clean
@@ -198,7 +206,8 @@ class SafetensorsFile:
         self._widened_ptr = 0  # address of _widened's first value
         self._widened_view: np.ndarray | None = None  # _widened, read-only (what get_deferred hands out)
         self._data_u16: np.ndarray | None = None  # the data section as uint16 codes (widen_into)
-        self._prefetch: tuple[threading.Thread, np.ndarray, dict[str, Any]] | None = None  # see prefetch
+        self._prefetch: tuple[threading.Thread, dict[str, Any]] | None = None  # see prefetch
+        self._prefetch_lock = threading.Lock()  # _ahead against the prefetch thread's decision to stop
         self._head = b""  # the 8 length bytes and the JSON header, as stored
         self.defer = False  # readers may use get_deferred for plain factors (lorasearch.read_embed)
         try:
@@ -218,8 +227,9 @@ class SafetensorsFile:
             self.data_start = 8 + self.header_len
             self._head = struct.pack("<Q", self.header_len) + raw
             self._preload = self.size - self.data_start <= preload_max
+            self._ahead = self.size - self.data_start
             if prefetch and raw[:1] == b"{":  # read the data while the header is parsed
-                self.prefetch()
+                self.prefetch(prefetch_upto)
             self.tensors, self.metadata = self._parse_header(raw)
         except BaseException:
             self.close()
@@ -229,11 +239,14 @@ class SafetensorsFile:
     def close(self) -> None:
         """Release the file handle (idempotent)."""
         if self._prefetch is not None:
+            with self._prefetch_lock:
+                self._ahead = 0  # stop after the piece it is reading
             self._prefetch[0].join()  # it reads through the handle
             self._prefetch = None
         self._finalizer()
         self._fh = None
-        self._data = self._widened = self._widened_view = self._data_u16 = None  # arrays sliced from them keep their own reference
+        self._data = self._section = self._widened = self._widened_view = self._data_u16 = None  # arrays sliced from them keep their own reference
+        self._valid = 0
         self._handed = {}
         self._casts = SpanCaster()
 
@@ -401,25 +414,63 @@ class SafetensorsFile:
     def dtype(self, key: str) -> str:
         return self.tensors[key].dtype
 
-    def prefetch(self) -> None:
+    def prefetch(self, upto: float = 1.0) -> None:
         """Start reading the data section in a background thread (``preadv`` releases the GIL),
         so the caller can decode the header meanwhile; tensors up to ``_DIRECT_MAX`` bytes
-        asked for before it finishes are read on their own instead of waiting."""
-        if (self._data is not None or not self._preload or self._prefetch is not None
-                or self.size - self.data_start < _PREFETCH_MIN):
+        asked for before it finishes are read on their own instead of waiting.
+
+        Args:
+            upto: the share of the section read, from its start (rounded down to whole
+                pages); the rest is read when something asks for it (``prefetched``), or
+                ahead after all once ``prefetch_rest`` is called.
+        """
+        n = self.size - self.data_start
+        if self._data is not None or not self._preload or self._prefetch is not None or n < _PREFETCH_MIN:
             return
-        buf = buffer_pool.empty(self.size - self.data_start)
+        self._ahead = n if upto >= 1.0 else int(n * max(upto, 0.0)) & -_PAGE
+        buf = self._section_buffer()
         out: dict[str, Any] = {}
 
         def run() -> None:
+            pos = 0
             try:
-                out["got"] = self._pread_into(memoryview(buf), self.data_start)
-            except BaseException as exc:  # noqa: BLE001 - handed to the reader in _data_section
+                while True:
+                    with self._prefetch_lock:
+                        stop = self._ahead
+                        if pos >= stop:
+                            out["done"] = True  # prefetch_rest after this reads nothing more here
+                            return
+                    step = min(stop, pos + _PREFETCH_CHUNK)
+                    got = self._pread_into(memoryview(buf)[pos:step], self.data_start + pos)
+                    pos += got
+                    self._valid = pos  # these bytes may be used at once
+                    if pos < step:  # the file was cut: whoever needs more reads it and says so
+                        return
+            except BaseException as exc:  # noqa: BLE001 - handed to the reader in _read_span
                 out["error"] = exc
 
         t = threading.Thread(target=run, name="safetensors-prefetch", daemon=True)
         t.start()
-        self._prefetch = (t, buf, out)
+        self._prefetch = (t, out)
+
+    def prefetch_rest(self) -> None:
+        """After a partial ``prefetch``: read the rest of the data section ahead too (when the
+        thread is still running; otherwise the rest is read when asked for)."""
+        with self._prefetch_lock:
+            self._ahead = self.size - self.data_start
+
+    @property
+    def prefetched(self) -> int:
+        """Bytes of the data section, from its start, read in one piece (the whole section
+        unless ``prefetch`` was asked for less); later bytes are read only when asked for."""
+        return self._ahead
+
+    def _section_buffer(self) -> np.ndarray:
+        if self._section is None:
+            # not bytearray(n): no zero-fill pass; numpy asks for huge pages; the pool
+            # lends an SDXL-size worker the pages it already faulted in for the last file
+            self._section = buffer_pool.empty(self.size - self.data_start)
+        return self._section
 
     def _data_section(self) -> memoryview | None:
         """The whole data section, read on first use (None when too large to hold).
@@ -428,32 +479,39 @@ class SafetensorsFile:
         """
         if self._data is not None or not self._preload:
             return self._data
-        with self._data_lock:
-            return self._read_data_section()
+        return self._read_span(0, self.size - self.data_start)
 
-    def _read_data_section(self) -> memoryview | None:
-        if self._data is None and self._prefetch is not None:
-            t, buf, out = self._prefetch
-            t.join()
-            self._prefetch = None
-            if "error" in out:
-                raise out["error"]
-            if out["got"] != buf.size:
-                raise self._bad(f"truncated: read {out['got']} of {buf.size} data bytes "
-                                "(the file changed after it was opened?)", "truncated")
-            self._data = memoryview(buf)
-        if self._data is None and self._preload:
-            n = self.size - self.data_start
-            # not bytearray(n): no zero-fill pass; numpy asks for huge pages; the pool
-            # lends an SDXL-size worker the pages it already faulted in for the last file
-            buf = buffer_pool.empty(n)
-            got = self._pread_into(memoryview(buf), self.data_start)
-            if got != n:
-                raise self._bad(
-                    f"truncated: read {got} of {n} data bytes (the file changed after it was opened?)", "truncated"
-                )
-            self._data = memoryview(buf)
-        return self._data
+    def _read_span(self, start: int, end: int) -> memoryview:
+        """The data section's buffer with at least bytes ``[start, end)`` read in (a file held
+        in memory only): waits for the prefetch, then reads what is missing of the first
+        ``prefetched`` bytes (all of them at once), or of a span past them (that span alone)."""
+        if self._data is not None:
+            return self._data
+        if end <= self._valid:
+            return memoryview(self._section)  # type: ignore[arg-type]
+        with self._data_lock:
+            if self._prefetch is not None:
+                t, out = self._prefetch
+                t.join()
+                self._prefetch = None
+                if "error" in out:
+                    raise out["error"]
+            buf = self._section_buffer()
+            if end > self._valid:
+                lo = self._valid
+                if end > self._ahead:
+                    lo = max(start, lo)
+                else:
+                    end = self._ahead
+                got = self._pread_into(memoryview(buf)[lo:end], self.data_start + lo)
+                if got != end - lo:
+                    raise self._bad(f"truncated: read {lo + got} of {end} data bytes "
+                                    "(the file changed after it was opened?)", "truncated")
+                if lo == self._valid:
+                    self._valid = end
+            if self._valid == len(buf):
+                self._data = memoryview(buf)
+            return memoryview(buf)
 
     def _pread_into(self, view: memoryview, offset: int) -> int:
         """Fill ``view`` from ``offset``; returns the bytes read (short at end of file)."""
@@ -477,12 +535,11 @@ class SafetensorsFile:
 
     def _bytes(self, key: str, info: TensorInfo) -> memoryview:
         """One tensor's bytes (writable memory: arrays over it are flagged read-only by the callers)."""
-        if self._data is None and self._prefetch is not None and info.nbytes <= _DIRECT_MAX:
-            data = None  # an alpha or other small tensor while the data section is being read
-        else:
-            data = self._data if self._data is not None else self._data_section()
-        if data is not None:
-            return data[info.start:info.end]
+        if self._data is not None:
+            return self._data[info.start:info.end]
+        if self._preload and (self._prefetch is None or info.nbytes > _DIRECT_MAX or info.end <= self._valid):
+            return self._read_span(info.start, info.end)[info.start:info.end]
+        # an alpha or other small tensor while the data section is being read, or a large file
         buf = memoryview(np.empty(info.nbytes, dtype=np.uint8))
         if self._pread_into(buf, self.data_start + info.start) != info.nbytes:
             raise self._bad(f"truncated while reading {key!r} (the file changed after it was opened?)", "truncated")
@@ -550,20 +607,16 @@ class SafetensorsFile:
     def _scalar16(self, key: str, info: TensorInfo) -> np.ndarray | None:
         """A one-value F16/BF16 tensor as float32, decoded with ``struct`` (exact); None when it
         is not finite (``get``'s general path then raises with the usual message)."""
-        data, pf = self._data, self._prefetch  # read once: a hashing thread may end the prefetch meanwhile
-        if data is None and pf is not None:
-            if not pf[2]:  # the thread puts "got" or "error" there as it ends
-                # the section is still being read: these two bytes on their own
-                raw: bytes | memoryview = self._pread(2, self.data_start + info.start)
-                if len(raw) != 2:
-                    raise self._bad(f"truncated while reading {key!r} (the file changed after it was opened?)", "truncated")
-            else:
-                data = self._data_section()  # read: the join returns at once
-        if data is not None:
-            raw = data[info.start:info.end]
-        elif pf is None:
+        section = self._section  # read before _valid: a closing file drops both
+        if info.end <= self._valid and section is not None:  # in memory already (the prefetch may be over)
+            raw = section[info.start:info.end].tobytes()
+        elif self._prefetch is not None or info.start >= self._ahead:
+            # the section is still being read, or this part of it is not read ahead: these bytes alone
+            raw = self._pread(info.end - info.start, self.data_start + info.start)
+            if len(raw) != info.end - info.start:
+                raise self._bad(f"truncated while reading {key!r} (the file changed after it was opened?)", "truncated")
+        else:
             raw = bytes(self._bytes(key, info))
-        raw = bytes(raw)
         cache_key = (raw, info.dtype, info.shape)
         out = _SCALARS.get(cache_key)  # most files repeat one alpha: one read-only array for all
         if out is not None:
@@ -692,9 +745,8 @@ class SafetensorsFile:
                 return None
         if scratch.size < hi - lo:
             return None
+        data = self._read_span(2 * lo, 2 * hi)  # deferred tensors exist only for files held in memory
         if self._data_u16 is None:
-            data = self._data if self._data is not None else self._data_section()
-            assert data is not None  # deferred tensors exist only for files held in memory
             self._data_u16 = np.frombuffer(data, dtype="<u2", count=len(data) // 2)
         self._casts.widen(self._data_u16, lo, hi, scratch, ea[1].dtype)
         origin = self._widened_ptr + 4 * lo
@@ -790,11 +842,9 @@ class SafetensorsFile:
         LoRA has ~260 small ones); otherwise tensors are checked one by one.
         """
         if self._clean is None:
-            data = self._data_section()
-            self._clean = bool(
-                data is not None and len(data) % 4 == 0 and all(i.dtype == "F32" for i in self.tensors.values())
-                and _all_finite(np.frombuffer(data, dtype=_F32))
-            )
+            # the types first: a file of other types too is not read whole for its F32 tensors
+            data = self._data_section() if self.dtypes() == {"F32"} else None
+            self._clean = bool(data is not None and len(data) % 4 == 0 and _all_finite(np.frombuffer(data, dtype=_F32)))
         return self._clean
 
     def _widened_buffer(self) -> np.ndarray:
