@@ -210,23 +210,39 @@ def _helper_items(ld: LoraDelta, st: SafetensorsFile) -> list[sketch_helper.Item
     process read ahead (``SafetensorsFile.prefetched``) when it read only a part; else about
     ``HELPER_SHARE`` of the deferred factor elements, taken in module order whenever its share
     lags (the same modules every time: warm caches)."""
+    ahead = st.prefetched
+    if ahead < st.size - st.data_start:
+        return _items_past(ld, st, ahead)
     items: list[sketch_helper.Item] = []
     mine = theirs = 0
-    ahead = st.prefetched
-    partial = ahead < st.size - st.data_start
     for name, d in ld.modules.items():
         if not isinstance(d, Factored) or is_stacked(d):
             continue
         size = d.up.size + d.down.size
-        if partial or theirs < HELPER_SHARE * (mine + theirs):
+        if theirs < HELPER_SHARE * (mine + theirs):
             up, down = st.deferred_spec(d.up), st.deferred_spec(d.down)
-            if (up is not None and down is not None and up[1] != down[1]
-                    and (not partial or min(up[1], down[1]) >= ahead)):
+            if up is not None and down is not None and up[1] != down[1]:
                 p, q = sketch_shape(d)
                 items.append((name, p, q, d.scale, up, down))
                 theirs += size
                 continue
         mine += size
+    return items
+
+
+def _items_past(ld: LoraDelta, st: SafetensorsFile, ahead: int) -> list[sketch_helper.Item]:
+    """Helper items for the modules whose two factors lie from byte ``ahead`` of the data section on."""
+    items: list[sketch_helper.Item] = []
+    for name, d in ld.modules.items():
+        if not isinstance(d, Factored) or is_stacked(d):
+            continue
+        up = st.deferred_spec(d.up)  # kohya stores down before up: most modules are settled by up alone
+        if up is None or up[1] < ahead:
+            continue
+        down = st.deferred_spec(d.down)
+        if down is not None and down[1] >= ahead and down[1] != up[1]:
+            p, q = sketch_shape(d)
+            items.append((name, p, q, d.scale, up, down))
     return items
 
 
