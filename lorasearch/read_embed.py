@@ -41,18 +41,15 @@ from lorasearch.formats.load import opened_lora
 from lorasearch.formats.safetensors_file import DEFAULT_MAX_FILE_BYTES, HASH_THREADS, SafetensorsFile
 from lorasearch.sketch import DEFAULT_DIM, DEFAULT_K, is_stacked, sketch_lora, sketch_shape
 
+_PAGE = 4096  # SafetensorsFile.prefetch ends a partial read on a page boundary: the cut is the same without one
+
 # Files from this size share their modules with the helper process (below it the
 # job's round trip is a visible share of the work).
 HELPER_MIN_BYTES = 64 << 20
-# The helper's share of the factor elements (measured on the SDXL-size file: 0.45
-# left the caller last, 0.55 the helper; 0.5 made both finish together).
+# The helper's share of the data section: it sketches the modules stored in the last
+# HELPER_SHARE of it (with the factors not kept, this process does not even read that
+# part). Measured on the SDXL-size file, embed time is flat from 0.42 to 0.5.
 HELPER_SHARE = 0.5
-# The helper's share of the data section when it takes the modules stored in its tail
-# (factors not kept: this process never reads that part). It reads its share itself
-# while this process's part was read in the background: measured on the SDXL-size
-# file, at 0.5 the caller waited ~10 ms for the helper, at 0.45 ~2 ms, at 0.42 the
-# caller finished last.
-HELPER_TAIL = 0.45
 
 
 def load_and_embed(
@@ -87,7 +84,7 @@ def load_and_embed(
     hash_threads = 2 if spare_core else HASH_THREADS
     held = _helper_before_open(path, hashes, keep_factors, helper, spare_core)
     # the helper's share of the data section is left to it: this process reads the rest
-    upto = 1.0 - HELPER_TAIL if held is not None else 1.0
+    upto = 1.0 - HELPER_SHARE if held is not None else 1.0
     try:
         with _gc_paused(), opened_lora(path, config, max_bytes, hashes, defer=True, hash_threads=hash_threads,
                                        prefetch_upto=upto) as (ld, st):
@@ -206,41 +203,21 @@ def _sketch_streamed(ld: LoraDelta, st: SafetensorsFile, k: int, use_helper: boo
 
 
 def _helper_items(ld: LoraDelta, st: SafetensorsFile) -> list[sketch_helper.Item]:
-    """The modules the helper sketches: those stored past the part of the data section this
-    process read ahead (``SafetensorsFile.prefetched``) when it read only a part; else about
-    ``HELPER_SHARE`` of the deferred factor elements, taken in module order whenever its share
-    lags (the same modules every time: warm caches)."""
-    ahead = st.prefetched
-    if ahead < st.size - st.data_start:
-        return _items_past(ld, st, ahead)
-    items: list[sketch_helper.Item] = []
-    mine = theirs = 0
-    for name, d in ld.modules.items():
-        if not isinstance(d, Factored) or is_stacked(d):
-            continue
-        size = d.up.size + d.down.size
-        if theirs < HELPER_SHARE * (mine + theirs):
-            up, down = st.deferred_spec(d.up), st.deferred_spec(d.down)
-            if up is not None and down is not None and up[1] != down[1]:
-                p, q = sketch_shape(d)
-                items.append((name, p, q, d.scale, up, down))
-                theirs += size
-                continue
-        mine += size
-    return items
-
-
-def _items_past(ld: LoraDelta, st: SafetensorsFile, ahead: int) -> list[sketch_helper.Item]:
-    """Helper items for the modules whose two factors lie from byte ``ahead`` of the data section on."""
+    """The modules the helper sketches: those whose two factors lie past the part of the data
+    section this process read ahead (``SafetensorsFile.prefetched``), or past the same share of
+    it when it read the whole section (the same modules in both cases, so each process keeps
+    the Gaussians of its own modules only)."""
+    n = st.size - st.data_start
+    cut = st.prefetched if st.prefetched < n else int(n * (1.0 - HELPER_SHARE)) & -_PAGE
     items: list[sketch_helper.Item] = []
     for name, d in ld.modules.items():
         if not isinstance(d, Factored) or is_stacked(d):
             continue
         up = st.deferred_spec(d.up)  # kohya stores down before up: most modules are settled by up alone
-        if up is None or up[1] < ahead:
+        if up is None or up[1] < cut:
             continue
         down = st.deferred_spec(d.down)
-        if down is not None and down[1] >= ahead and down[1] != up[1]:
+        if down is not None and down[1] >= cut and down[1] != up[1]:
             p, q = sketch_shape(d)
             items.append((name, p, q, d.scale, up, down))
     return items
