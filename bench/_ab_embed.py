@@ -2,7 +2,8 @@
 
 Each process reads and embeds the same synthetic SDXL-size file back to back
 (``read_tensors``, then ``load_and_embed(path, hashes=False, keep_factors=False)``),
-``--iters`` times after a warm-up; the two checkouts take turns for ``--rounds``
+``--iters`` times after a warm-up, and also reports the embed's CPU time (this process's
+threads and the sketch helper's job); the two checkouts take turns for ``--rounds``
 rounds, so load on a shared machine hits both alike. Each process runs from its
 own checkout (its sketch helper too). Not part of ``run_all`` (leading underscore).
 
@@ -37,14 +38,16 @@ path, iters = sys.argv[2], int(sys.argv[3])
 sketch_helper.wait_ready()
 for _ in range(3):
     ec.read_tensors(path); load_and_embed(path, hashes=False, keep_factors=False)
-reads, embeds = [], []
+reads, embeds, cpus = [], [], []
 for _ in range(iters):
     t0 = time.perf_counter(); ec.read_tensors(path); t1 = time.perf_counter()
+    c0, h0 = time.process_time(), ec.helper_cpu()
     load_and_embed(path, hashes=False, keep_factors=False); t2 = time.perf_counter()
-    reads.append(t1 - t0); embeds.append(t2 - t1)
+    reads.append(t1 - t0); embeds.append(t2 - t1); cpus.append(time.process_time() - c0 + ec.helper_cpu() - h0)
 r, e = statistics.median(reads), statistics.median(embeds)
 print(f"read {r * 1e3:.1f} ms, embed {e * 1e3:.1f} ms (fastest {min(embeds) * 1e3:.1f}), ratio {e / r:.2f}, "
-      f"median per-pair ratio {statistics.median(x / y for x, y in zip(embeds, reads)):.2f}")
+      f"median per-pair ratio {statistics.median(x / y for x, y in zip(embeds, reads)):.2f}, "
+      f"embed CPU (both processes) {statistics.median(cpus) * 1e3:.1f} ms")
 """
 
 
