@@ -15,12 +15,12 @@ hashes, part of a large file's modules is sketched meanwhile by a helper
 process (``lorasearch.sketch_helper``) that reads their factors from the file
 itself; with hashes, the two digests take that core instead (one thread
 each, beside the embedding: faster than the helper, since hashing costs
-more than sketching). When the factors are not kept, the helper takes the
-modules stored in the second part of the data section and this process never
-reads that part (copying a file out of the page cache runs at ~6 GB/s here:
-the second copy of half an SDXL-size file cost ~20 ms of CPU). Python's cyclic garbage collector is paused while the
-header's ~10,000 small objects are made and dropped (its full passes over a
-busy worker's heap cost as much as the parse).
+more than sketching). The helper takes the modules stored in the second half of
+the data section; when the factors are not kept this process never reads that
+half (copying a file out of the page cache runs at ~6 GB/s here: the second
+copy of half an SDXL-size file cost ~20 ms of CPU). Python's cyclic garbage
+collector is paused while the header's ~10,000 small objects are made and
+dropped (its full passes over a busy worker's heap cost as much as the parse).
 """
 from __future__ import annotations
 
@@ -213,7 +213,7 @@ def _helper_items(ld: LoraDelta, st: SafetensorsFile) -> list[sketch_helper.Item
     for name, d in ld.modules.items():
         if not isinstance(d, Factored) or is_stacked(d):
             continue
-        up = st.deferred_spec(d.up)  # kohya stores down before up: most modules are settled by up alone
+        up = st.deferred_spec(d.up)  # a module before the cut is settled by one factor
         if up is None or up[1] < cut:
             continue
         down = st.deferred_spec(d.down)

@@ -108,6 +108,10 @@ def test_zero_dim_and_zero_size(tmp_path: Path) -> None:
             assert st.get(k).shape == tuple(tensors[k].shape) and st.get(k).size == 0
         np.testing.assert_array_equal(st.get("w"), tensors["w"].numpy())
         assert set(st.keys()) == set(tensors)
+    for prefetch in (False, True):  # an empty tensor asked for before anything is read
+        with SafetensorsFile(p, prefetch=prefetch) as st:
+            for k in sorted(st.keys(), key=lambda k: (st.tensors[k].end, k)):
+                assert st.get(k).shape == tuple(tensors[k].shape), k
 
 
 @pytest.mark.parametrize(

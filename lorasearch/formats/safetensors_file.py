@@ -239,7 +239,7 @@ class SafetensorsFile:
         """Release the file handle (idempotent)."""
         if self._prefetch is not None:
             with self._prefetch_lock:
-                self._ahead = 0  # stop after the piece it is reading
+                self._ahead = 0  # a prefetch_rest extension is not read any more
             self._prefetch[0].join()  # it reads through the handle
             self._prefetch = None
         self._finalizer()
@@ -486,8 +486,9 @@ class SafetensorsFile:
         ``prefetched`` bytes (all of them at once), or of a span past them (that span alone)."""
         if self._data is not None:
             return self._data
-        if end <= self._valid:
-            return memoryview(self._section)  # type: ignore[arg-type]
+        section = self._section
+        if section is not None and end <= self._valid:
+            return memoryview(section)
         with self._data_lock:
             if self._prefetch is not None:
                 t, out = self._prefetch
