@@ -202,6 +202,12 @@ def helper_cpu() -> float:
     return h.cpu_seconds if h is not None else 0.0
 
 
+def helper_wait() -> float:
+    """Seconds callers have spent waiting for the sketch helper's answers so far (0 without one)."""
+    h = sketch_helper._helper
+    return h.wait_seconds if h is not None else 0.0
+
+
 def with_helper_cpu(fn: Callable[[], Any]) -> "SelfTimed":
     """A stage whose CPU time counts the sketch helper's CPU for the call too (both processes)."""
     def run() -> tuple[float, float]:
@@ -303,15 +309,19 @@ def paired(paths: list[Path], rounds: int) -> dict[str, float]:
 
     Returns:
         median and fastest summed wall seconds per round of "read" and "embed", and
-        "ratio" (ratio of the medians) and "ratio_round" (median of per-round ratios).
+        "ratio" (ratio of the medians) and "ratio_round" (median of per-round ratios);
+        "helper_cpu" and "helper_wait": median seconds per round of the sketch helper's
+        job CPU and of the caller's wait for its answers.
     """
     for p in paths:  # warm-up
         read_tensors(p)
         embed_file(p)
     reads: list[float] = []
     embeds: list[float] = []
+    helper: list[tuple[float, float]] = []
     for i in range(rounds):
         r = e = 0.0
+        h0 = (helper_cpu(), helper_wait())
         for p in paths:
             first, second = ((read_tensors, embed_file) if i % 2 == 0 else (embed_file, read_tensors))
             t0 = time.perf_counter()
@@ -323,8 +333,10 @@ def paired(paths: list[Path], rounds: int) -> dict[str, float]:
             e += (t2 - t1) if first is read_tensors else (t1 - t0)
         reads.append(r)
         embeds.append(e)
+        helper.append((helper_cpu() - h0[0], helper_wait() - h0[1]))
     return {"read": median(reads), "embed": median(embeds), "read_best": min(reads), "embed_best": min(embeds),
-            "ratio": median(embeds) / median(reads), "ratio_round": median([e / r for e, r in zip(embeds, reads)])}
+            "ratio": median(embeds) / median(reads), "ratio_round": median([e / r for e, r in zip(embeds, reads)]),
+            "helper_cpu": median([c for c, _ in helper]), "helper_wait": median([w for _, w in helper])}
 
 
 def paired_row(label: str, pr: dict[str, float], rounds: int) -> list[Any]:
@@ -454,7 +466,9 @@ def main() -> None:
             rows += [sdxl_rows[0], paired_row("SDXL-size (synthetic)", pr, args.pairs), *sdxl_rows[1:]]
             info.append(f"SDXL-size, paired rounds: read {pr['read'] * 1e3:.1f} ms, embed {pr['embed'] * 1e3:.1f} ms "
                         f"(medians; fastest {pr['read_best'] * 1e3:.1f} / {pr['embed_best'] * 1e3:.1f} ms); median "
-                        f"of the per-round ratios {pr['ratio_round']:.2f}.")
+                        f"of the per-round ratios {pr['ratio_round']:.2f}; per embed the sketch helper's job took "
+                        f"{pr['helper_cpu'] * 1e3:.1f} ms of CPU and the caller waited {pr['helper_wait'] * 1e3:.1f} ms "
+                        f"for its answer (medians).")
             splits.append(split_row("SDXL-size", t["wall"]))
             if args.profile:
                 for cold in (False, True):

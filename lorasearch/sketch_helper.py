@@ -115,6 +115,7 @@ class SketchHelper:
         self._busy = threading.Lock()
         self.broken = False
         self.cpu_seconds = 0.0  # CPU time the child spent on jobs so far (benchmarks count it)
+        self.wait_seconds = 0.0  # time callers spent blocked in result() so far (benchmarks report it)
 
     def ready(self) -> bool:
         """Whether the child has started (never blocks)."""
@@ -163,12 +164,14 @@ class SketchHelper:
             RuntimeError: the job failed (the helper stays), or the helper died or went
                 silent for ``RESULT_TIMEOUT`` seconds (it is stopped; a later ``get`` starts another).
         """
+        start = time.perf_counter()
         try:
             assert self._proc.stdout is not None
             if not select.select([self._proc.stdout], [], [], RESULT_TIMEOUT)[0]:
                 raise OSError(f"no answer in {RESULT_TIMEOUT:.0f} s")
             status, payload, cpu = _recv(self._proc.stdout)
             self.cpu_seconds += cpu
+            self.wait_seconds += time.perf_counter() - start
         except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as exc:
             self.close()
             raise RuntimeError(f"sketch helper failed: {exc}") from None
