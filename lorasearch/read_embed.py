@@ -38,10 +38,8 @@ from lorasearch import sketch_helper
 from lorasearch.delta import Delta, Factored, LoraDelta, without_values
 from lorasearch.embed import Embedding, embed, embedding_of
 from lorasearch.formats.load import opened_lora
-from lorasearch.formats.safetensors_file import DEFAULT_MAX_FILE_BYTES, HASH_THREADS, SafetensorsFile
+from lorasearch.formats.safetensors_file import DEFAULT_MAX_FILE_BYTES, HASH_THREADS, SafetensorsFile, read_ahead
 from lorasearch.sketch import DEFAULT_DIM, DEFAULT_K, is_stacked, sketch_lora, sketch_shape
-
-_PAGE = 4096  # SafetensorsFile.prefetch ends a partial read on a page boundary: the cut is the same without one
 
 # Files from this size share their modules with the helper process (below it the
 # job's round trip is a visible share of the work).
@@ -90,9 +88,9 @@ def load_and_embed(
                                        prefetch_upto=upto) as (ld, st):
             if not st.unfilled:
                 return (ld if keep_factors else without_values(ld)), embed(ld, k, dim)
-            use_helper = (spare_core and not hashes and st.size >= HELPER_MIN_BYTES) if helper is None else helper
+            use_helper = _wants_helper(helper, spare_core, hashes, st.size)
             taken, held = held, None  # _sketch_streamed gives it back
-            sketches = _sketch_streamed(ld, st, k, use_helper or taken is not None, keep_factors, taken)
+            sketches = _sketch_streamed(ld, st, k, use_helper, keep_factors, taken)
             return _finish(ld, st, embedding_of(ld.family, k, dim, sketches), keep_factors)
     finally:
         if held is not None:
@@ -110,20 +108,24 @@ def _finish(ld: LoraDelta, st: SafetensorsFile, emb: Embedding, keep_factors: bo
     return without_values(ld, reuse=True), emb
 
 
+def _wants_helper(helper: bool | None, spare_core: bool, hashes: bool, size: int) -> bool:
+    """``load_and_embed``'s ``helper`` rule: as asked, or by default when a second core is free,
+    no hashes are asked for and the file has at least ``HELPER_MIN_BYTES``."""
+    return (spare_core and not hashes and size >= HELPER_MIN_BYTES) if helper is None else helper
+
+
 def _helper_before_open(path: str | Path, hashes: bool, keep_factors: bool, helper: bool | None,
                         spare_core: bool) -> sketch_helper.SketchHelper | None:
     """The helper, taken before the file is opened when it is to sketch the modules in the
-    second part of the data section (so that part is not read ahead here): the factors
-    are not kept, no hashes are asked for, and the file is large enough (see ``load_and_embed``)."""
-    if keep_factors or hashes or helper is False or (helper is None and not spare_core):
+    second part of the data section and that part need not be read here at all: the helper
+    is wanted, the factors are not kept and no hashes are asked for."""
+    if keep_factors or hashes or helper is False:
         return None
     try:
         size = os.stat(path).st_size if os.path.isfile(path) else 0
     except OSError:  # opened_lora says what is wrong
         return None
-    if helper is None and size < HELPER_MIN_BYTES:
-        return None
-    return sketch_helper.get()
+    return sketch_helper.get() if _wants_helper(helper, spare_core, hashes, size) else None
 
 
 def _sketch_streamed(ld: LoraDelta, st: SafetensorsFile, k: int, use_helper: bool,
@@ -207,8 +209,7 @@ def _helper_items(ld: LoraDelta, st: SafetensorsFile) -> list[sketch_helper.Item
     section this process read ahead (``SafetensorsFile.prefetched``), or past the same share of
     it when it read the whole section (the same modules in both cases, so each process keeps
     the Gaussians of its own modules only)."""
-    n = st.size - st.data_start
-    cut = st.prefetched if st.prefetched < n else int(n * (1.0 - HELPER_SHARE)) & -_PAGE
+    cut = read_ahead(st.size - st.data_start, 1.0 - HELPER_SHARE)  # = st.prefetched after a partial prefetch
     items: list[sketch_helper.Item] = []
     for name, d in ld.modules.items():
         if not isinstance(d, Factored) or is_stacked(d):

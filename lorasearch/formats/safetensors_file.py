@@ -426,7 +426,7 @@ class SafetensorsFile:
         n = self.size - self.data_start
         if self._data is not None or not self._preload or self._prefetch is not None or n < _PREFETCH_MIN:
             return
-        self._ahead = n if upto >= 1.0 else int(n * max(upto, 0.0)) & -_PAGE
+        self._ahead = read_ahead(n, upto)
         buf = self._section_buffer()
         out: dict[str, Any] = {}
 
@@ -1033,6 +1033,12 @@ class SpanCaster:
         if self._dst is None or self._dst[0] is not out:
             self._dst = (out, torch.from_numpy(out))
         self._dst[1][:hi - lo].copy_(self._src[2][lo:hi])
+
+
+def read_ahead(n: int, upto: float) -> int:
+    """The bytes of an ``n``-byte data section that ``prefetch(upto)`` reads ahead: the share
+    ``upto`` of it, rounded down to whole pages (all of it from 1.0 on)."""
+    return n if upto >= 1.0 else int(n * max(upto, 0.0)) & -_PAGE
 
 
 def _steps(strides: tuple[int, ...]) -> tuple[int, ...]:
