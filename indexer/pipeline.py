@@ -3,8 +3,10 @@
 - Workers (a ``ProcessPoolExecutor`` with the ``spawn`` context, recycled
   every ``MAX_TASKS_PER_CHILD`` items to bound memory) run
   ``read_embed.load_and_embed`` and return light picklable results (the embedding and ``summary(ld)``,
-  no factor values: the parent copies the file itself); with ``workers=1`` the
-  same work runs in the parent process.
+  no factor values). When the store keeps file copies, each worker also copies
+  its file into the store's ``blobs/`` (content-addressed, checked against the
+  sha256), so the copies run in parallel and the parent finds them in place;
+  with ``workers=1`` the same work runs in the parent process.
 - The parent is the single writer: ``Store.add_many`` per batch (``batch``
   items, or fewer when their files pass ``BATCH_BYTES`` or ``FLUSH_SECONDS``
   passed), then the job table records the items as done (see ``indexer.jobs``
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import multiprocessing as mp
 import os
 import sys
@@ -36,7 +39,7 @@ from lorasearch.embed import Embedding
 from lorasearch.errors import BadInput, LoraSearchError
 from lorasearch.read_embed import load_and_embed
 from lorasearch.sketch import DEFAULT_DIM, DEFAULT_K
-from lorasearch.store import Store
+from lorasearch.store import Store, copy_blob
 
 from indexer.jobs import DONE, JobTable, Outcome
 from indexer.sources import DEFAULT_SEARCH_LIMIT, Failure, WorkItem, expand_sources
@@ -102,19 +105,23 @@ def summary(ld: LoraDelta) -> LoraDelta:
     return without_values(ld) if ld.source.get("autov3") else ld
 
 
-def process_item(item: WorkItem, k: int = DEFAULT_K, dim: int = DEFAULT_DIM) -> Result:
+def process_item(item: WorkItem, k: int = DEFAULT_K, dim: int = DEFAULT_DIM, blobs: str | None = None) -> Result:
     """Read and embed one item (runs in a worker); every failure becomes ``Result.error``.
 
     Args:
         item: the work item.
         k: sketch size.
         dim: view vector length.
+        blobs: the root of a store that keeps file copies: the file is copied there now
+            (``store.copy_blob``), so that the store's single writer finds it in place.
 
     Returns:
         a picklable Result holding ``summary(ld)`` and the embedding.
     """
     try:
         ld, emb = load_and_embed(item.path, k=k, dim=dim, keep_factors=False)
+        if blobs is not None:
+            _copy_ahead(blobs, ld.source)
         return Result(item, summary(ld), emb)
     except BadInput as exc:
         return Result(item, error=str(exc))
@@ -122,6 +129,13 @@ def process_item(item: WorkItem, k: int = DEFAULT_K, dim: int = DEFAULT_DIM) -> 
         return Result(item, error=f"{item.path}: out of memory while reading or embedding")
     except Exception as exc:  # noqa: BLE001 - one bad file never stops the batch
         return Result(item, error=f"{item.path}: internal error {exc.__class__.__name__}: {exc}")
+
+
+def _copy_ahead(root: str, source: dict[str, Any]) -> None:
+    """The store's copy of an indexed file, made by the worker that read it. Best effort: whatever
+    fails here (the file changed, a full disk) the writer meets again and reports as it always does."""
+    with contextlib.suppress(Exception):
+        copy_blob(Path(root), source.get("weights"), source.get("file_sha256"), source.get("config"))
 
 
 @dataclass
@@ -458,7 +472,9 @@ def _run(sources: list[str], writer: _Writer, jobs: JobTable, job_id: int, worke
         if writer.batch.due(batch):
             writer.flush()
 
-    runner = _PoolRunner(workers, k, dim, on_result) if workers > 1 else None
+    # the workers copy the files into the store themselves: in parallel, not one by one in this process
+    fn = functools.partial(process_item, blobs=str(writer.store.root.resolve())) if writer.store.keep_files else process_item
+    runner = _PoolRunner(workers, k, dim, on_result, fn=fn) if workers > 1 else None
     try:
         with single_threaded_children() if runner else contextlib.nullcontext():
             for x in expand_sources(sources, endpoint, cache_dir, search_limit):

@@ -197,6 +197,48 @@ def atomic_write(path: Path, write: Callable[[Path], None], point: str = "rename
     fsync_dir(path.parent)
 
 
+def blob_rel(sha256: str) -> str:
+    """Where a store keeps the copy of a weights file with this sha256 (relative to its root)."""
+    return f"blobs/{sha256[:2]}/{sha256}.safetensors"
+
+
+def copy_blob(root: Path, weights: str | None, sha: str | None, cfg: str | None) -> str | None:
+    """Copy a LoRA's weights file (and PEFT config) into the store at ``root``, content-addressed
+    by its sha256 and verified on the way; a copy already there is kept.
+
+    Indexing workers call this before their results reach the store's writer (which then finds
+    the copy in place): the copies are then made in parallel instead of one by one in the writer.
+    A copy whose row never commits is a harmless orphan, like the writer's own copies that are
+    made before its transaction.
+
+    Returns:
+        the copy's path relative to ``root``, or None when there is no weights file or sha256.
+
+    Raises:
+        StoreError: the file's content no longer has this sha256 (it changed while indexed).
+    """
+    if not weights or not sha or not Path(weights).is_file():
+        return None
+    rel = blob_rel(sha)
+    dest = root / rel
+    tmp_dir = root / "tmp"
+    if not dest.is_file():
+        def write(tmp: Path) -> None:
+            h = hashlib.sha256()
+            with open(weights, "rb") as src, open(tmp, "wb") as out:
+                while block := src.read(1 << 20):
+                    h.update(block)
+                    out.write(block)
+            if h.hexdigest() != sha:
+                raise StoreError(f"{weights}: file changed while it was being indexed (sha256 differs)")
+
+        atomic_write(dest, write, "blob_rename", tmp_dir)
+    cdest = dest.with_name(f"{sha}.adapter_config.json")
+    if cfg and Path(cfg).is_file() and not cdest.is_file():
+        atomic_write_bytes(cdest, Path(cfg).read_bytes(), "blob_rename", tmp_dir)
+    return rel
+
+
 def atomic_write_bytes(path: Path, data: bytes, point: str = "rename", tmp_dir: Path | None = None) -> None:
     """``atomic_write`` of a bytes object."""
     atomic_write(path, lambda p: p.write_bytes(data), point, tmp_dir)
@@ -1016,36 +1058,19 @@ class Store:
 
     @property
     def _tmp_dir(self) -> Path:
-        """Temp files of sketches and blobs (same file system; one place to clean after a crash)."""
+        """Temp files of sketches and blobs (same file system; one place to clean after a crash;
+        ``copy_blob`` uses the same)."""
         return self.root / "tmp"
 
     def _sketch_path(self, autov3: str) -> Path:
         return self.root / "sketches" / autov3[:2] / f"{autov3}.safetensors"
 
     def _blob_rel(self, sha256: str) -> str:
-        return f"blobs/{sha256[:2]}/{sha256}.safetensors"
+        return blob_rel(sha256)
 
     def _copy_blob(self, weights: str | None, sha: str | None, cfg: str | None) -> str | None:
         """Copy a LoRA's weights file (and PEFT config) into ``blobs/``, verifying its sha256 on the way."""
-        if not weights or not sha or not Path(weights).is_file():
-            return None
-        rel = self._blob_rel(sha)
-        dest = self.root / rel
-        if not dest.is_file():
-            def write(tmp: Path) -> None:
-                h = hashlib.sha256()
-                with open(weights, "rb") as src, open(tmp, "wb") as out:
-                    while block := src.read(1 << 20):
-                        h.update(block)
-                        out.write(block)
-                if h.hexdigest() != sha:
-                    raise StoreError(f"{weights}: file changed while it was being indexed (sha256 differs)")
-
-            atomic_write(dest, write, "blob_rename", self._tmp_dir)
-        cdest = dest.with_name(f"{sha}.adapter_config.json")
-        if cfg and Path(cfg).is_file() and not cdest.is_file():
-            atomic_write_bytes(cdest, Path(cfg).read_bytes(), "blob_rename", self._tmp_dir)
-        return rel
+        return copy_blob(self.root, weights, sha, cfg)
 
     # ---- writing
 

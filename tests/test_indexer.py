@@ -67,6 +67,32 @@ def test_one_and_two_workers_give_the_same_store(tree: Path, tmp_path: Path) -> 
     assert {k: v for k, v in one.items() if k not in drop} == {k: v for k, v in two.items() if k not in drop}
     assert sorted(map(str, one["failed"])) == sorted(map(str, two["failed"]))
     assert snapshot(tmp_path / "db1") == snapshot(tmp_path / "db2")
+    # two workers copy the files into the store themselves (process_item's blobs): the same copies
+    assert blob_files(tmp_path / "db1") == blob_files(tmp_path / "db2") != {}
+
+
+def blob_files(db: Path) -> dict[str, bytes]:
+    return {p.relative_to(db).as_posix(): p.read_bytes() for p in (db / "blobs").rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("rel", ["a.safetensors", "sub/peft"])
+def test_worker_copies_its_file_into_the_store(tree: Path, tmp_path: Path, rel: str) -> None:
+    from indexer.pipeline import _copy_ahead, process_item
+    from lorasearch.store import blob_rel
+
+    item = next(x for x in expand_source(str(tree / rel)) if isinstance(x, WorkItem))
+    root = tmp_path / "db"
+    res = process_item(item, blobs=str(root))
+    assert res.error is None and res.ld is not None
+    src = res.ld.source
+    blob = root / blob_rel(src["file_sha256"])
+    assert blob.read_bytes() == Path(src["weights"]).read_bytes()
+    if src["config"]:
+        assert blob.with_name(f"{src['file_sha256']}.adapter_config.json").read_bytes() == Path(src["config"]).read_bytes()
+    # the file changed after it was hashed: no copy and no error here (the writer meets it again and reports it)
+    _copy_ahead(str(tmp_path / "db2"), {**src, "file_sha256": "0" * 64})
+    assert not (tmp_path / "db2" / blob_rel("0" * 64)).exists()
+    assert not list((tmp_path / "db2").rglob("*.safetensors*"))
 
 
 def test_rerun_skips_what_is_indexed_and_rereads_changed_files(tree: Path, tmp_path: Path) -> None:
