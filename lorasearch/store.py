@@ -197,6 +197,12 @@ def atomic_write(path: Path, write: Callable[[Path], None], point: str = "rename
     fsync_dir(path.parent)
 
 
+def tmp_dir_of(root: Path) -> Path:
+    """A store's folder for temp files of sketches and blobs (same file system as what they
+    become; one place to clean after a crash)."""
+    return root / "tmp"
+
+
 def blob_rel(sha256: str) -> str:
     """Where a store keeps the copy of a weights file with this sha256 (relative to its root)."""
     return f"blobs/{sha256[:2]}/{sha256}.safetensors"
@@ -221,7 +227,7 @@ def copy_blob(root: Path, weights: str | None, sha: str | None, cfg: str | None)
         return None
     rel = blob_rel(sha)
     dest = root / rel
-    tmp_dir = root / "tmp"
+    tmp_dir = tmp_dir_of(root)
     if not dest.is_file():
         def write(tmp: Path) -> None:
             h = hashlib.sha256()
@@ -1058,15 +1064,10 @@ class Store:
 
     @property
     def _tmp_dir(self) -> Path:
-        """Temp files of sketches and blobs (same file system; one place to clean after a crash;
-        ``copy_blob`` uses the same)."""
-        return self.root / "tmp"
+        return tmp_dir_of(self.root)
 
     def _sketch_path(self, autov3: str) -> Path:
         return self.root / "sketches" / autov3[:2] / f"{autov3}.safetensors"
-
-    def _blob_rel(self, sha256: str) -> str:
-        return blob_rel(sha256)
 
     def _copy_blob(self, weights: str | None, sha: str | None, cfg: str | None) -> str | None:
         """Copy a LoRA's weights file (and PEFT config) into ``blobs/``, verifying its sha256 on the way."""
